@@ -1,0 +1,368 @@
+"""The recipe: schema, defaults, `key=value` overrides, and validation that reports every error at once."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data.conversation import TrainOn
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    family: str = "auto"
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantizationConfig:
+    mode: str = "none"  # none | 4bit | 8bit
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: the family's default (language model linear layers)
+    train_vision_tower: bool = False
+    train_projector: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    eval: str | None = None
+    format: str = "messages"
+    image_root: str | None = None
+    max_length: int = 2048
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    train_on: str = "assistant"
+    system_prompt: str | None = None
+    on_overlong: str = "drop"  # drop | error
+    num_workers: int | None = None  # DataLoader workers decoding images; None: chosen from the CPU count
+
+
+@dataclass
+class TrainConfig:
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    use_cpu: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/vlmtune"
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "quantization.mode": ("none", "4bit", "8bit"),
+    "quantization.quant_type": ("nf4", "fp4"),
+    "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
+    "data.format": ("messages",),
+    "data.train_on": tuple(t.value for t in TrainOn),
+    "data.on_overlong": ("drop", "error"),
+    "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
+    "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                    "adafactor", "sgd"),
+}
+ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},
+           "quantization.compute_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
+           "quantization.mode": {"4-bit": "4bit", "qlora": "4bit", "8-bit": "8bit", None: "none", False: "none"}}
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, each naming its field and the fix."""
+
+    def __init__(self, errors: list[FieldError], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{len(errors)} problem{'s' if len(errors) != 1 else ''}{where}:\n{lines}")
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[str] | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Read a recipe YAML (or start from defaults), apply overrides, validate; raise RecipeError with all errors."""
+    raw: dict = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RecipeError([FieldError("", f"recipe file not found: {path}")]) from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError([FieldError("", f"not valid YAML: {e}")], source) from None
+        if not isinstance(raw, dict):
+            raise RecipeError([FieldError("", "the recipe must be a mapping of sections (model, data, ...)")], source)
+    errors: list[FieldError] = []
+    raw = apply_overrides(raw, overrides or {}, errors)
+    recipe = _build(Recipe, raw, "", errors)
+    recipe.source = source
+    if source:
+        _resolve_relative_paths(recipe, Path(source).parent)
+    errors.extend(validate(recipe, check_paths=check_paths))
+    if errors:
+        raise RecipeError(errors, source)
+    return recipe
+
+
+def apply_overrides(raw: dict, overrides: dict | list[str], errors: list[FieldError]) -> dict:
+    """`["train.learning_rate=1e-4", ...]` or `{"train.learning_rate": 1e-4}` merged into the raw mapping."""
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if isinstance(overrides, list):
+        parsed = []
+        for item in overrides:
+            if "=" not in item:
+                errors.append(FieldError(item, "an override must look like section.key=value, e.g. train.max_steps=10"))
+                continue
+            key, value = item.split("=", 1)
+            parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+        items = parsed
+    for key, value in items:
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def _build(cls, raw: object, prefix: str, errors: list[FieldError]):
+    """Instantiate a dataclass section from raw YAML, recording type errors and unknown keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(FieldError(prefix.rstrip("."), f"must be a mapping, got {_show(raw)}"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            errors.append(FieldError(path, f"unknown key{hint}"))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, path + ".", errors)
+            continue
+        value = ALIASES.get(path, {}).get(value, value) if _hashable(value) else value
+        ok, converted = _convert(value, hint)
+        if not ok:
+            errors.append(FieldError(path, f"must be {_describe(hint)}, got {_show(value)}"))
+            continue
+        values[key] = converted
+    return cls(**values)
+
+
+def _convert(value, hint):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, v = _convert(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for item in value:
+            ok, v = _convert(item, args[0])
+            if not ok:
+                return False, None
+            out.append(v)
+        return True, out
+    if hint is bool:
+        return (True, value) if isinstance(value, bool) else (False, None)
+    if hint is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    return True, value
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    if args and origin is not list:
+        return " or ".join(_describe(a) for a in args) + " or null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
+    """Data paths in a recipe file are relative to the recipe, unless they exist relative to the working dir."""
+    data = recipe.data
+    for name in ("train", "eval", "image_root"):
+        value = getattr(data, name)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(data, name, str(base / value))
+
+
+def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
+    """Every value problem in a built recipe (types were checked while building)."""
+    errs: list[FieldError] = []
+
+    def need(cond: bool, path: str, message: str) -> None:
+        if not cond:
+            errs.append(FieldError(path, message))
+
+    for path, choices in CHOICES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(recipe, section), key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            need(False, path, f"must be one of {', '.join(choices)}, got {_show(value)}{hint}")
+
+    m, lo, d, t = recipe.model, recipe.lora, recipe.data, recipe.train
+    need(bool(m.name_or_path), "model.name_or_path", "is required: a Hugging Face model id, a local model folder, "
+         "or a built-in tiny model (builtin:tiny-qwen2-vl)")
+    from . import families
+
+    need(m.family == "auto" or m.family in families.names(), "model.family",
+         f"must be auto or one of {', '.join(families.names())}, got {_show(m.family)}")
+    need(lo.r > 0, "lora.r", f"must be a positive integer, got {lo.r}")
+    need(lo.alpha > 0, "lora.alpha", f"must be a positive number, got {lo.alpha}")
+    need(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
+         "must name at least one module, or be left out for the family default")
+    need(d.max_length > 0, "data.max_length", f"must be a positive integer, got {d.max_length}")
+    for key in ("min_pixels", "max_pixels"):
+        v = getattr(d, key)
+        need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
+    if d.min_pixels and d.max_pixels:
+        need(d.min_pixels <= d.max_pixels, "data.min_pixels",
+             f"must not exceed data.max_pixels ({d.min_pixels} > {d.max_pixels})")
+    need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(bool(d.train), "data.train", "is required: the path of the training data file (JSONL)")
+    if check_paths:
+        for key in ("train", "eval"):
+            value = getattr(d, key)
+            if value and not Path(value).is_file():
+                need(False, f"data.{key}", f"file not found: {value}")
+        if d.image_root and not Path(d.image_root).is_dir():
+            need(False, "data.image_root", f"folder not found: {d.image_root}")
+    need(t.num_train_epochs > 0 or t.max_steps > 0, "train.num_train_epochs",
+         "must be positive (or set train.max_steps)")
+    need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", f"must be -1 (use epochs) or positive, got {t.max_steps}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps"):
+        v = getattr(t, key)
+        need(v > 0, f"train.{key}", f"must be a positive integer, got {v}")
+    need(t.learning_rate > 0, "train.learning_rate", f"must be positive, got {t.learning_rate}")
+    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", f"must be positive, got {t.eval_steps}")
+    need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
+    need(bool(recipe.output_dir), "output_dir", "is required")
+    return errs
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,69 @@
+"""The one conversation type every data format is read into."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+class TrainOn(str, enum.Enum):
+    """Which tokens carry a loss."""
+
+    ASSISTANT = "assistant"  # every assistant reply (and its end-of-turn token)
+    LAST_ASSISTANT = "last_assistant"  # only the final assistant reply
+    ALL = "all"  # the whole sequence except image and padding tokens
+
+
+@dataclass(frozen=True)
+class Part:
+    """Text, or one image given as a resolved path (or other reference a reader produced)."""
+
+    type: str  # "text" | "image"
+    text: str = ""
+    image: str | None = None
+
+
+@dataclass
+class Turn:
+    role: str
+    parts: list[Part]
+    train: bool = True  # a `"train": false` message keeps its reply out of the loss
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if p.type == "text")
+
+    @property
+    def images(self) -> list[str]:
+        return [p.image for p in self.parts if p.type == "image"]
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn]
+    source: str = ""  # "file.jsonl:row 12" for messages that name the sample
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[str]:
+        return [img for turn in self.turns for img in turn.images]
+
+    def problems(self) -> list[str]:
+        """Invariant violations, in words a user can act on (empty when fine)."""
+        out = []
+        if not self.turns:
+            return ["the conversation has no messages"]
+        for i, turn in enumerate(self.turns):
+            if turn.role not in ROLES:
+                out.append(f"message {i}: unknown role {turn.role!r} (expected one of {', '.join(ROLES)})")
+            if turn.role == "system" and i != 0:
+                out.append(f"message {i}: a system message may only come first")
+            if turn.role == "assistant" and not turn.text.strip():
+                out.append(f"message {i}: the assistant reply is empty")
+            if turn.role == "assistant" and turn.images:
+                out.append(f"message {i}: assistant messages cannot contain images")
+        if not any(t.role == "assistant" for t in self.turns):
+            out.append("no assistant message: there is nothing to train on")
+        return out

@@ -1,0 +1,56 @@
+"""What vlmtune needs to know about one model family, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# (processor, height, width) -> (image tokens, vision grid) for an image of that size.
+LayoutFn = Callable[[object, int, int], tuple[int, tuple[int, ...]]]
+# (input_ids, image grids, processor) -> position ids (rows, seq_len) for one unpadded sequence.
+PositionFn = Callable[[torch.Tensor, Sequence[Sequence[int]], object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: module layout, chat-format facts and defaults.
+
+    Generic code asks the family; it never tests a model name.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    description: str
+    vision_prefix: str
+    projector_prefix: str
+    language_prefix: str
+    image_token: str
+    end_of_turn: tuple[str, ...]
+    default_lora_targets: tuple[str, ...]
+    append_eos_after_reply: bool = False
+    fp16_overflows: bool = False
+    # Module path prefixes kept out of 4-bit/8-bit quantization (matched from the start of the path).
+    skip_quantization: tuple[str, ...] = ()
+    image_layout: LayoutFn | None = None
+    position_ids: PositionFn | None = None  # None: the model's default 1-D positions
+    extra: dict = field(default_factory=dict)
+
+    def component_of(self, param_name: str) -> str:
+        """'projector', 'vision', 'language' or 'other' for a parameter name of the (PEFT-wrapped) model."""
+        name = _strip_peft_prefix(param_name)
+        if name.startswith(self.projector_prefix + "."):
+            return "projector"
+        if name.startswith(self.vision_prefix + "."):
+            return "vision"
+        if name.startswith(self.language_prefix + ".") or name.startswith("lm_head"):
+            return "language"
+        return "other"
+
+
+def _strip_peft_prefix(name: str) -> str:
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
