@@ -38,7 +38,7 @@ class VisionCollator:
         if has_positions:
             batch["position_ids"] = position_ids
         for key in CONCAT_KEYS:
-            parts = [f[key] for f in features if key in f]
+            parts = [f[key] for f in features if f.get(key) is not None]
             if parts:
                 batch[key] = torch.cat(parts, dim=0)
         return batch

@@ -1,37 +1,59 @@
-"""Map-style dataset over prepared examples; images are decoded and processed here, in DataLoader workers."""
+"""Prepared examples as a `datasets.Dataset` whose on-access transform decodes and processes images.
+
+The transform runs where rows are fetched, i.e. inside the DataLoader workers, so image work
+overlaps the training step instead of running serially inside it.
+"""
 
 from __future__ import annotations
 
+import datasets
 import torch
-from torch.utils.data import Dataset
 
 from ..families import Family
 from .images import load_rgb
 from .prepare import Example
 
 
-class VisionSFTDataset(Dataset):
-    def __init__(self, examples: list[Example], family: Family, processor):
-        self.examples = examples
+def to_dataset(examples: list[Example], family: Family, processor) -> datasets.Dataset:
+    table = datasets.Dataset.from_dict({
+        "input_ids": [e.input_ids for e in examples],
+        "labels": [e.labels for e in examples],
+        "images": [e.images for e in examples],
+        "grids": [[list(g) for g in e.grids] for e in examples],
+        "source": [e.source for e in examples],
+    })
+    return table.with_transform(VisionTransform(family, processor))
+
+
+class VisionTransform:
+    """Batch of stored rows -> model inputs per row (tensors; vision keys None for text-only rows)."""
+
+    def __init__(self, family: Family, processor):
         self.family = family
         self.processor = processor
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        ex = self.examples[index]
-        item = {
-            "input_ids": torch.tensor(ex.input_ids, dtype=torch.long),
-            "labels": torch.tensor(ex.labels, dtype=torch.long),
-        }
-        if ex.images:
-            vision = self.processor.image_processor(images=[load_rgb(p) for p in ex.images], return_tensors="pt")
-            item.update({k: v for k, v in vision.items()})
-            grids = vision.get("image_grid_thw")
-            if grids is not None and [tuple(g) for g in grids.tolist()] != [tuple(g) for g in ex.grids]:
-                raise RuntimeError(f"{ex.source}: the image processor made grids {grids.tolist()} but "
-                                   f"{ex.grids} were planned; did an image file change after preparation?")
-        if self.family.position_ids is not None:
-            item["position_ids"] = self.family.position_ids(item["input_ids"], ex.grids, self.processor)
-        return item
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        vision_keys: set[str] = set()
+        per_row_vision = []
+        for ids, labels, images, grids, source in zip(batch["input_ids"], batch["labels"], batch["images"],
+                                                      batch["grids"], batch["source"], strict=True):
+            input_ids = torch.tensor(ids, dtype=torch.long)
+            out["input_ids"].append(input_ids)
+            out["labels"].append(torch.tensor(labels, dtype=torch.long))
+            vision = {}
+            if images:
+                vision = dict(self.processor.image_processor(images=[load_rgb(p) for p in images],
+                                                             return_tensors="pt"))
+                made = vision.get("image_grid_thw")
+                if made is not None and made.tolist() != [list(g) for g in grids]:
+                    raise RuntimeError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
+                                       "were planned; did an image file change after the data was prepared?")
+                vision_keys.update(vision)
+            if self.family.position_ids is not None:
+                vision["position_ids"] = self.family.position_ids(input_ids, grids, self.processor)
+            per_row_vision.append(vision)
+        keys = vision_keys | ({"position_ids"} if self.family.position_ids is not None else set())
+        for key in keys:
+            out[key] = [v.get(key) for v in per_row_vision]
+        return out

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models per family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+BUILTIN = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_cache(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLMTUNE_CACHE", str(tmp_path_factory.mktemp("vlmtune-cache")))
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """family name -> local folder of a tiny random model of that family."""
+    from vlmtune.demo import builtin_model_path
+
+    return lambda family: builtin_model_path(BUILTIN[family])
+
+
+@pytest.fixture(scope="session")
+def processor_for(model_dir):
+    from transformers import AutoProcessor
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = AutoProcessor.from_pretrained(model_dir(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """A few images of different sizes and aspect ratios."""
+    root = tmp_path_factory.mktemp("images")
+    out = {}
+    for name, size, colour in (("red", (56, 56), (255, 0, 0)), ("wide", (120, 40), (0, 0, 255)),
+                               ("tall", (30, 90), (0, 200, 0)), ("big", (224, 168), (200, 200, 0))):
+        path = root / f"{name}.png"
+        Image.new("RGB", size, colour).save(path)
+        out[name] = path
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path

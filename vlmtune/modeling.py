@@ -1,0 +1,253 @@
+"""Load the base model and processor, quantize, attach LoRA, and report what trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import families
+from .config import FieldError, Recipe
+from .errors import VlmtuneError
+from .families import Family
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in tiny model's cache folder, else the id or path unchanged."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        from .demo import builtin_model_path
+
+        return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX):]))
+    return name_or_path
+
+
+def load_model_config(recipe: Recipe):
+    from transformers import AutoConfig
+
+    m = recipe.model
+    return AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
+                                      trust_remote_code=m.trust_remote_code)
+
+
+def family_for(recipe: Recipe, model_config) -> Family:
+    if recipe.model.family != "auto":
+        return families.get(recipe.model.family)
+    return families.for_model_type(model_config.model_type)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this machine will run: device kind, dtype, attention kernel."""
+
+    device: str
+    dtype: torch.dtype
+    attn_implementation: str
+
+
+def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None]:
+    """Problems with the model choice on this machine (all at once), the model config, and its family."""
+    errs: list[FieldError] = []
+    m = recipe.model
+    if m.name_or_path.startswith(BUILTIN_PREFIX):
+        from .demo import BUILTIN_MODELS
+
+        name = m.name_or_path[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            return [FieldError("model.name_or_path", f"unknown built-in model {name!r}; built-in: "
+                               f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")], None, None
+    elif _looks_like_path(m.name_or_path) and not Path(m.name_or_path).expanduser().exists():
+        return [FieldError("model.name_or_path", f"folder not found: {m.name_or_path}")], None, None
+    try:
+        config = load_model_config(recipe)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        return [FieldError("model.name_or_path", f"cannot read the model config of {m.name_or_path!r}: {first}. "
+                           "Give a local model folder or a Hugging Face id that is reachable (or cached)")], None, None
+    try:
+        family = family_for(recipe, config)
+    except families.UnknownFamilyError as e:
+        return [FieldError("model.family" if m.family != "auto" else "model.name_or_path", str(e))], config, None
+    if m.family != "auto" and config.model_type not in family.model_types:
+        errs.append(FieldError("model.family", f"{m.family} does not match the model's model_type "
+                               f"{config.model_type!r}; use auto"))
+    errs.extend(check_runtime(recipe, family))
+    return errs, config, family
+
+
+def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
+    errs = []
+    m, q = recipe.model, recipe.quantization
+    cuda = torch.cuda.is_available() and not recipe.train.use_cpu
+    if m.attn_implementation == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        errs.append(FieldError("model.attn_implementation", "flash_attention_2 needs the flash-attn package, which "
+                               "is not installed: pip install 'vlmtune[flash]', or use sdpa (or auto)"))
+    if m.attn_implementation == "flash_attention_2" and not cuda:
+        errs.append(FieldError("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use sdpa (or auto)"))
+    if m.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        errs.append(FieldError("model.dtype", f"this GPU ({torch.cuda.get_device_name()}) does not support "
+                               "bfloat16; use float32 (or auto)"))
+    for path, value in (("model.dtype", m.dtype), ("quantization.compute_dtype", q.compute_dtype)):
+        if value == "float16" and family.fp16_overflows and (path == "model.dtype" or q.mode != "none"):
+            errs.append(FieldError(path, f"float16 is known to overflow in {family.description}; use bfloat16 "
+                                   "(or float32 on GPUs without bfloat16)"))
+    if q.mode != "none" and not importlib.util.find_spec("bitsandbytes"):
+        errs.append(FieldError("quantization.mode", f"{q.mode} needs bitsandbytes, which is not installed: "
+                               "pip install 'vlmtune[gpu]', or set quantization.mode=none"))
+    return errs
+
+
+def runtime_for(recipe: Recipe, family: Family) -> Runtime:
+    cuda = torch.cuda.is_available() and not recipe.train.use_cpu
+    m = recipe.model
+    if m.dtype != "auto":
+        dtype = getattr(torch, m.dtype)
+    elif cuda and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    elif cuda and not family.fp16_overflows:
+        dtype = torch.float16
+    else:
+        dtype = torch.float32
+    attn = m.attn_implementation
+    if attn == "auto":
+        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    return Runtime("cuda" if cuda else "cpu", dtype, attn)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def load_processor(recipe: Recipe):
+    """The model's processor, with the recipe's pixel bounds set on its image processor."""
+    from transformers import AutoProcessor
+
+    m, d = recipe.model, recipe.data
+    processor = AutoProcessor.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
+                                              trust_remote_code=m.trust_remote_code)
+    ip = processor.image_processor
+    if d.min_pixels or d.max_pixels:
+        size = dict(ip.size)
+        if d.min_pixels:
+            size["shortest_edge"] = d.min_pixels
+        if d.max_pixels:
+            size["longest_edge"] = d.max_pixels
+        ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
+    return processor
+
+
+def pixel_bounds(processor) -> dict:
+    size = processor.image_processor.size
+    return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+
+
+def quantization_config(recipe: Recipe, family: Family):
+    q = recipe.quantization
+    if q.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.skip_quantization))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        llm_int8_skip_modules=list(family.skip_quantization),
+    )
+
+
+def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
+    from transformers import AutoModelForImageTextToText
+
+    m = recipe.model
+    kwargs = dict(dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, revision=m.revision,
+                  trust_remote_code=m.trust_remote_code)
+    quant = quantization_config(recipe, family)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device() if runtime.device == "cuda" else "cpu"}
+    model = AutoModelForImageTextToText.from_pretrained(resolve_model_path(m.name_or_path), **kwargs)
+    if quant is not None and runtime.device == "cpu":
+        _disable_cpu_4bit_repacking(model)
+    return model
+
+
+def _disable_cpu_4bit_repacking(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU kernel in eval mode, which breaks training afterwards."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_targets(model, family: Family, recipe: Recipe) -> str:
+    """A PEFT `target_modules` regex naming exactly the chosen linear layers, layer indices generalised."""
+    lo = recipe.lora
+    names = set(lo.target_modules or family.default_lora_targets)
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        component = family.component_of(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if component == "language" and leaf in names and not name.startswith("lm_head"):
+            chosen.append(name)
+        elif component == "vision" and lo.train_vision_tower:
+            chosen.append(name)
+        elif component == "projector" and (lo.train_projector or lo.train_vision_tower):
+            chosen.append(name)
+    if not chosen:
+        return ""
+    patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in chosen})
+    return "^(?:" + "|".join(patterns) + ")$"
+
+
+def attach_lora(model, family: Family, recipe: Recipe, runtime: Runtime):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lo = recipe.lora
+    if recipe.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = lora_targets(model, family, recipe)
+    if not targets:
+        wanted = ", ".join(lo.target_modules or family.default_lora_targets)
+        raise VlmtuneError(f"lora.target_modules: no linear layer of the model is named {wanted}; "
+                         "list the layer names of this model's language model")
+    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                        modules_to_save=lo.modules_to_save or None, use_rslora=lo.use_rslora,
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def trainable_report(model, family: Family) -> dict[str, tuple[int, int]]:
+    """Per component: (trainable, total) parameter counts."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, p in model.named_parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        c = counts[family.component_of(name)]
+        c[1] += n
+        if p.requires_grad:
+            c[0] += n
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def format_report(report: dict[str, tuple[int, int]]) -> str:
+    lines = [f"{'component':<10} {'trainable':>14} {'total':>16} {'%':>7}"]
+    tt = ta = 0
+    for comp in ("vision", "projector", "language", "other"):
+        if comp not in report:
+            continue
+        t, a = report[comp]
+        tt, ta = tt + t, ta + a
+        lines.append(f"{comp:<10} {t:>14,} {a:>16,} {100 * t / max(a, 1):>6.2f}%")
+    lines.append(f"{'all':<10} {tt:>14,} {ta:>16,} {100 * tt / max(ta, 1):>6.2f}%")
+    return "\n".join(lines)

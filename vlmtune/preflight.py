@@ -1,0 +1,54 @@
+"""Everything checked before a GPU minute is spent: recipe, model, machine, and every data row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Recipe
+from .data.formatting import Formatter
+from .data.prepare import PreparedData, prepare
+from .errors import PreflightError
+from .families import Family
+from .modeling import Runtime, check_model, load_processor, runtime_for
+
+
+@dataclass
+class Plan:
+    """A checked run: the pieces training needs, with the data already formatted."""
+
+    recipe: Recipe
+    model_config: object
+    family: Family
+    processor: object
+    runtime: Runtime
+    formatter: Formatter
+    train: PreparedData
+    eval: PreparedData | None
+
+
+def plan_run(recipe: Recipe) -> Plan:
+    """Check model and machine, read and format all data; raise PreflightError listing every problem."""
+    errors, model_config, family = check_model(recipe)
+    if family is None or errors:
+        raise PreflightError([str(e) for e in errors])
+    processor = load_processor(recipe)
+    formatter = Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+    d = recipe.data
+    problems: list[str] = []
+    splits = {}
+    for split in ("train", "eval"):
+        path = getattr(d, split)
+        if not path:
+            continue
+        data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
+                       desc=f"checking {split} data")
+        problems.extend(str(p) for p in data.problems)
+        if data.rows and not data.examples and not data.problems:
+            problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
+        if data.rows == 0:
+            problems.append(f"data.{split}: {path} has no rows")
+        splits[split] = data
+    if problems:
+        raise PreflightError(problems)
+    return Plan(recipe, model_config, family, processor, runtime_for(recipe, family), formatter,
+                splits["train"], splits.get("eval"))

@@ -1,0 +1,193 @@
+"""Build the TRL SFTTrainer from a checked plan, train, and write adapter + processor + metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Recipe, dump
+from .data.collator import VisionCollator
+from .data.dataset import to_dataset
+from .errors import VlmtuneError
+from .modeling import (attach_lora, format_report, load_base_model, pixel_bounds, trainable_report)
+from .preflight import Plan, plan_run
+
+METADATA_FILE = "vlmtune.json"
+RESULTS_FILE = "train_results.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    trainable: dict = field(default_factory=dict)
+
+
+def default_num_workers() -> int:
+    cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
+    from trl import SFTConfig
+
+    t, d = recipe.train, recipe.data
+    workers = d.num_workers if d.num_workers is not None else default_num_workers()
+    on_gpu = plan.runtime.device == "cuda"
+    has_eval = plan.eval is not None and len(plan.eval.examples) > 0
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        bf16=plan.runtime.dtype == torch.bfloat16 and on_gpu,
+        fp16=plan.runtime.dtype == torch.float16 and on_gpu,
+        use_cpu=not on_gpu,
+        max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=on_gpu,
+        save_only_model=False,
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
+    """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
+    from trl import SFTTrainer
+
+    recipe = plan.recipe
+    model = load_base_model(recipe, plan.family, plan.runtime)
+    model = attach_lora(model, plan.family, recipe, plan.runtime)
+    report = trainable_report(model, plan.family)
+    log(format_report(report))
+    if sum(t for t, _ in report.values()) == 0:
+        raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
+    tokenizer = plan.processor.tokenizer
+    collator = VisionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor)
+    eval_ds = to_dataset(plan.eval.examples, plan.family, plan.processor) if plan.eval else None
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, plan, checkpoint_dir), data_collator=collator,
+                         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=plan.processor)
+    return trainer, report
+
+
+def metadata(plan: Plan) -> dict:
+    import peft
+    import transformers
+    import trl
+
+    r = plan.recipe
+    return {
+        "vlmtune_version": __version__,
+        "family": plan.family.name,
+        "model_type": plan.model_config.model_type,
+        "base_model": r.model.name_or_path,
+        "quantization": r.quantization.mode,
+        "dtype": str(plan.runtime.dtype).removeprefix("torch."),
+        "pixel_bounds": pixel_bounds(plan.processor),
+        "train_on": r.data.train_on,
+        "system_prompt": r.data.system_prompt,
+        "max_length": r.data.max_length,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "trl": trl.__version__},
+    }
+
+
+def train(recipe: Recipe, log=print) -> TrainResult:
+    """Check everything, train, and write the adapter folder; nothing half-written if interrupted."""
+    plan = plan_run(recipe)
+    log(f"model: {recipe.model.name_or_path} (family {plan.family.name}, {plan.runtime.device}, "
+        f"{str(plan.runtime.dtype).removeprefix('torch.')}, attention {plan.runtime.attn_implementation}, "
+        f"quantization {recipe.quantization.mode})")
+    log("train data: " + plan.train.summary())
+    if plan.eval is not None:
+        log("eval data: " + plan.eval.summary())
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, report = build_trainer(plan, out / "checkpoints", log)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    output = trainer.train()
+    metrics = dict(output.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    metrics.update(_data_metrics(plan, metrics))
+    metrics["wall_seconds"] = time.perf_counter() - start
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    if plan.eval is not None and plan.eval.examples:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        write_outputs(trainer, plan, out, metrics)
+        log(f"saved adapter, processor and metadata to {out}")
+    return TrainResult(out, metrics, {k: v[0] for k, v in report.items()})
+
+
+def _data_metrics(plan: Plan, metrics: dict) -> dict:
+    epochs = metrics.get("epoch", 1.0) or 1.0
+    runtime = metrics.get("train_runtime") or 0.0
+    tokens, supervised = plan.train.num_tokens, plan.train.num_supervised
+    n = max(len(plan.train.examples), 1)
+    seen = epochs * n
+    return {
+        "train_examples": len(plan.train.examples),
+        "train_dropped": len(plan.train.dropped),
+        "train_tokens_per_epoch": tokens,
+        "train_supervised_tokens_per_epoch": supervised,
+        "supervised_fraction": supervised / tokens if tokens else 0.0,
+        "tokens_per_second": tokens * seen / n / runtime if runtime else 0.0,
+        "supervised_tokens_per_second": supervised * seen / n / runtime if runtime else 0.0,
+    }
+
+
+def write_outputs(trainer, plan: Plan, out: Path, metrics: dict) -> None:
+    """Adapter, processor, resolved recipe, metrics, then metadata last, each moved into place whole."""
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        trainer.model.save_pretrained(staging)
+        plan.processor.save_pretrained(staging)
+        (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
+        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+        meta = metadata(plan)
+        (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
+        names = sorted(p.name for p in staging.iterdir())
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+        meta_tmp = out / f".{METADATA_FILE}.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(meta_tmp, out / METADATA_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
