@@ -56,9 +56,9 @@ def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
         warmup_steps=t.warmup_ratio,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
         activation_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # non-reentrant: works with a frozen vision tower and frozen embeddings under LoRA
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

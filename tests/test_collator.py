@@ -1,0 +1,50 @@
+"""Batching: padding, labels, positions, and vision tensors from images of different sizes."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from vlmtune import families
+from vlmtune.data.collator import VisionCollator
+from vlmtune.data.conversation import Conversation, Part, Turn
+from vlmtune.data.dataset import to_dataset
+from vlmtune.data.formatting import IGNORE_INDEX, Formatter
+from vlmtune.data.prepare import Example
+
+
+def test_collator_shapes_with_images_of_different_sizes(processor_for, images):
+    family, processor = families.get("qwen2_vl"), processor_for("qwen2_vl")
+    fmt = Formatter(family, processor)
+    rows = [[images["red"]], [images["wide"], images["tall"]], [], [images["big"]]]
+    examples = []
+    for i, paths in enumerate(rows):
+        layouts = [family.image_layout(processor, *reversed(Image.open(p).size)) for p in paths]
+        turns = [Turn("user", [Part("image", image=str(p)) for p in paths] + [Part("text", text="q" * (i + 1))]),
+                 Turn("assistant", [Part("text", text="answer")])]
+        out = fmt(Conversation(turns, source=f"t:{i}"), [n for n, _ in layouts])
+        examples.append(Example(out.input_ids, out.labels, [str(p) for p in paths], [g for _, g in layouts], f"t:{i}"))
+    ds = to_dataset(examples, family, processor)
+    batch = VisionCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    lengths = [len(e.input_ids) for e in examples]
+    n, L = len(examples), max(lengths)
+    assert batch["input_ids"].shape == (n, L) and batch["labels"].shape == (n, L)
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["position_ids"].shape == (3, n, L)
+    grids = [g for e in examples for g in e.grids]
+    assert batch["image_grid_thw"].tolist() == [list(g) for g in grids]
+    assert batch["pixel_values"].shape[0] == sum(t * h * w for t, h, w in grids)
+    for i, k in enumerate(lengths):
+        assert (batch["labels"][i, k:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][i, k:] == processor.tokenizer.pad_token_id).all()
+    image_id = processor.tokenizer.convert_tokens_to_ids(family.image_token)
+    expected = [sum(t * h * w // 4 for t, h, w in e.grids) for e in examples]
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == expected
+
+
+def test_text_only_batch_has_no_vision_tensors(processor_for):
+    family, processor = families.get("qwen2_vl"), processor_for("qwen2_vl")
+    out = Formatter(family, processor)(Conversation([Turn("user", [Part("text", text="hi")]),
+                                                     Turn("assistant", [Part("text", text="yo")])], source="t:1"), [])
+    ds = to_dataset([Example(out.input_ids, out.labels, [], [], "t:1")], family, processor)
+    batch = VisionCollator(0, pad_to_multiple_of=8)([ds[0]])
+    assert "pixel_values" not in batch and batch["input_ids"].shape[1] % 8 == 0

@@ -1,0 +1,118 @@
+"""Training: only LoRA weights change, QLoRA runs, the output folder is complete and reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune.training import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "data_templates" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 24 shapes rows, image paths made absolute."""
+    out = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = (SHAPES / "train.jsonl").read_text().splitlines()[:24]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def recipe_for(family, data, tmp_path, **overrides):
+    from .conftest import BUILTIN
+
+    base = {"model.name_or_path": f"builtin:{BUILTIN[family]}", "data.train": str(data),
+            "data.image_root": str(SHAPES), "output_dir": str(tmp_path / "out"), "train.max_steps": 3,
+            "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
+            "train.learning_rate": 1e-2, "train.logging_steps": 1, "train.save_steps": 1000,
+            "train.gradient_checkpointing": True, "data.num_workers": 0, "lora.dropout": 0.0}
+    base.update(overrides)
+    return vlmtune.load_recipe(None, overrides=base)
+
+
+def snapshot(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_steps_change_every_lora_weight_and_nothing_else(family, quant, small_data, tmp_path):
+    if quant == "4bit":
+        pytest.importorskip("bitsandbytes")
+    recipe = recipe_for(family, small_data, tmp_path, **{"quantization.mode": quant,
+                                                        "quantization.compute_dtype": "float32"})
+    plan = vlmtune.plan(recipe)
+    trainer, report = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
+    assert report["vision"][0] == 0 and report["projector"][0] == 0 and report["language"][0] > 0
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+    unchanged_lora = [n for n in lora if torch.equal(before[n], after[n])]
+    assert not unchanged_lora, unchanged_lora[:5]
+    changed_other = [n for n in before if "lora_" not in n and not torch.equal(before[n], after[n])]
+    assert not changed_other, changed_other[:5]
+    if quant == "4bit":
+        import bitsandbytes as bnb
+
+        linear4 = [n for n, m in trainer.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert linear4 and all(".language_model." in n for n in linear4)  # vision tower left unquantized
+
+
+def test_lora_targets_only_the_language_model_by_default(small_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path)
+    plan = vlmtune.plan(recipe)
+    trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
+    lora_modules = {n.rsplit(".lora_", 1)[0] for n, _ in trainer.model.named_parameters() if "lora_" in n}
+    assert all(".language_model." in n for n in lora_modules)
+    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+
+
+def test_vision_tower_and_projector_can_be_trained(small_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"lora.train_projector": True})
+    _, report = build_trainer(vlmtune.plan(recipe), tmp_path / "c1", log=lambda *_: None)
+    assert report["projector"][0] > 0 and report["vision"][0] == 0
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"lora.train_vision_tower": True})
+    _, report = build_trainer(vlmtune.plan(recipe), tmp_path / "c2", log=lambda *_: None)
+    assert report["projector"][0] > 0 and report["vision"][0] > 0
+
+
+def test_a_run_that_trains_nothing_is_refused(small_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"lora.target_modules": ["no_such_layer"]})
+    with pytest.raises(vlmtune.VlmtuneError, match="lora.target_modules"):
+        build_trainer(vlmtune.plan(recipe), tmp_path / "c", log=lambda *_: None)
+
+
+def test_train_writes_a_complete_adapter_folder_that_changes_logits(small_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"data.max_pixels": 3136 * 4})
+    result = vlmtune.train(recipe, log=lambda *_: None)
+    out = result.output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "vlmtune.json",
+                 "train_results.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    meta = json.loads((out / "vlmtune.json").read_text())
+    assert meta["family"] == "qwen2_vl" and meta["train_on"] == "assistant"
+    assert meta["pixel_bounds"]["max_pixels"] == 3136 * 4
+    assert AutoProcessor.from_pretrained(out).image_processor.size["longest_edge"] == 3136 * 4
+    assert result.metrics["global_step"] == 3 and 0 < result.metrics["supervised_fraction"] < 1
+
+    base_dir = vlmtune.modeling.resolve_model_path(recipe.model.name_or_path)
+    base = AutoModelForImageTextToText.from_pretrained(base_dir)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, out)
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after)
