@@ -1,0 +1,33 @@
+# vlmtune: the whole set-up is `make install` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 are served from local disk on the project machines; pinning them here
+# keeps pip from resolving a newer torch (gigabytes of download).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast lint demo clean
+
+install: $(BIN)/vlmtune
+
+$(BIN)/vlmtune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check vlmtune tests bench
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/vlmtune sft recipes/tiny-demo.yaml
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache .hypothesis
