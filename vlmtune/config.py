@@ -56,7 +56,7 @@ class DataConfig:
     max_pixels: int | None = None
     train_on: str = "assistant"
     system_prompt: str | None = None
-    on_overlong: str = "drop"  # drop | error
+    on_overlong: str = "drop"  # drop | error | shrink_images
     num_workers: int | None = None  # DataLoader workers decoding images; None: chosen from the CPU count
 
 
@@ -107,7 +107,7 @@ CHOICES = {
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
     "data.format": ("messages",),
     "data.train_on": tuple(t.value for t in TrainOn),
-    "data.on_overlong": ("drop", "error"),
+    "data.on_overlong": ("drop", "error", "shrink_images"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                                 "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",

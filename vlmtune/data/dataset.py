@@ -21,6 +21,7 @@ def to_dataset(examples: list[Example], family: Family, processor) -> datasets.D
         "images": [e.images for e in examples],
         "grids": [[list(g) for g in e.grids] for e in examples],
         "source": [e.source for e in examples],
+        "max_pixels": [e.max_pixels for e in examples],
     })
     return table.with_transform(VisionTransform(family, processor))
 
@@ -36,15 +37,16 @@ class VisionTransform:
         out: dict[str, list] = {"input_ids": [], "labels": []}
         vision_keys: set[str] = set()
         per_row_vision = []
-        for ids, labels, images, grids, source in zip(batch["input_ids"], batch["labels"], batch["images"],
-                                                      batch["grids"], batch["source"], strict=True):
+        for ids, labels, images, grids, source, max_pixels in zip(
+                batch["input_ids"], batch["labels"], batch["images"], batch["grids"], batch["source"],
+                batch["max_pixels"], strict=True):
             input_ids = torch.tensor(ids, dtype=torch.long)
             out["input_ids"].append(input_ids)
             out["labels"].append(torch.tensor(labels, dtype=torch.long))
             vision = {}
             if images:
                 vision = dict(self.processor.image_processor(images=[load_rgb(p) for p in images],
-                                                             return_tensors="pt"))
+                                                             return_tensors="pt", **self._bounds(max_pixels)))
                 made = vision.get("image_grid_thw")
                 if made is not None and made.tolist() != [list(g) for g in grids]:
                     raise RuntimeError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
@@ -57,3 +59,11 @@ class VisionTransform:
         for key in keys:
             out[key] = [v.get(key) for v in per_row_vision]
         return out
+
+    def _bounds(self, max_pixels: int | None) -> dict:
+        """A sample shrunk to fit max_length is processed under its own, lower pixel bound."""
+        if max_pixels is None:
+            return {}
+        size = dict(self.processor.image_processor.size)
+        size["longest_edge"] = max_pixels
+        return {"size": {k: v for k, v in size.items() if v is not None}}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import copy
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
 from .images import ImageProblem, image_size
 
+OVERLONG_POLICIES = ("drop", "error", "shrink_images")
+
 
 @dataclass
 class Example:
@@ -24,6 +28,22 @@ class Example:
     images: list[str]
     grids: list[tuple[int, ...]]
     source: str
+    max_pixels: int | None = None  # a per-sample pixel bound, set when images were shrunk to fit
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class RowResult:
+    """What became of one data row: an example (possibly dropped as too long) or a problem."""
+
+    row: int
+    example: Example | None = None
+    problem: RowProblem | None = None
+    dropped: bool = False
+    fingerprint: str = ""
 
 
 @dataclass
@@ -31,7 +51,9 @@ class PreparedData:
     examples: list[Example] = field(default_factory=list)
     problems: list[RowProblem] = field(default_factory=list)  # rows that stop training
     dropped: list[RowProblem] = field(default_factory=list)  # rows left out (too long)
+    duplicates: list[RowProblem] = field(default_factory=list)  # rows equal to an earlier row (kept)
     rows: int = 0
+    shrunk: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -39,7 +61,7 @@ class PreparedData:
 
     @property
     def num_supervised(self) -> int:
-        return sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in self.examples)
+        return sum(e.num_supervised for e in self.examples)
 
     @property
     def num_images(self) -> int:
@@ -50,73 +72,132 @@ class PreparedData:
         frac = self.num_supervised / tokens if tokens else 0.0
         lines = [f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, "
                  f"{tokens} tokens ({frac:.1%} supervised)"]
+        if self.shrunk:
+            lines.append(f"{self.shrunk} rows had their images shrunk to fit data.max_length")
         if self.dropped:
             lines.append(f"{len(self.dropped)} rows dropped because they do not fit data.max_length "
                          f"(image tokens are never cut); first: {self.dropped[0]}")
         return "\n".join(lines)
 
 
+def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
+              max_length: int, on_overlong: str = "drop") -> Iterator[RowResult]:
+    """Each row of a data file, read, checked and formatted; problems become values, never exceptions."""
+    sizes: dict[str, tuple[int, int] | ImageProblem] = {}
+    for index, item in enumerate(read_rows(Path(path), fmt, image_root)):
+        if isinstance(item, RowProblem):
+            yield RowResult(index, problem=item)
+            continue
+        yield _row(index, item, formatter, family, sizes, max_length, on_overlong)
+
+
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data") -> PreparedData:
-    """Read and format a whole data file; problems are collected with file and row, never raised one by one."""
-    path = Path(path)
+    """Read and format a whole data file; problems are collected with file and row."""
     out = PreparedData()
-    sizes: dict[str, tuple[int, int] | ImageProblem] = {}
-    for item in tqdm(read_rows(path, fmt, image_root), desc=desc, unit=" rows", leave=False):
+    seen: dict[str, RowProblem] = {}
+    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong)
+    for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1
-        if isinstance(item, RowProblem):
-            out.problems.append(item)
+        if result.problem is not None:
+            (out.dropped if result.dropped else out.problems).append(result.problem)
             continue
-        example = _example(item, formatter, family, sizes, out)
-        if example is None:
-            continue
-        if len(example.input_ids) > max_length:
-            n_img = sum(1 for x in example.input_ids if x == formatter.image_token_id)
-            problem = _problem(item, f"{len(example.input_ids)} tokens ({n_img} image tokens) do not fit "
-                                     f"data.max_length={max_length}; raise max_length, lower data.max_pixels, "
-                                     "or shorten the sample")
-            (out.problems if on_overlong == "error" else out.dropped).append(problem)
-            continue
-        out.examples.append(example)
+        ex = result.example
+        if result.fingerprint in seen:
+            first = seen[result.fingerprint]
+            out.duplicates.append(_problem_at(ex.source, f"duplicate of row {first.row}"))
+        else:
+            seen[result.fingerprint] = _problem_at(ex.source, "")
+        out.shrunk += ex.max_pixels is not None
+        out.examples.append(ex)
     return out
 
 
-def _example(conv: Conversation, formatter: Formatter, family: Family, sizes: dict,
-             out: PreparedData) -> Example | None:
-    counts, grids = [], []
+def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, sizes: dict, max_length: int,
+         on_overlong: str) -> RowResult:
+    dims = []
     for ref in conv.images:
         if ref not in sizes:
             try:
                 sizes[ref] = image_size(Path(ref))
             except ImageProblem as e:
                 sizes[ref] = e
-        size = sizes[ref]
-        if isinstance(size, ImageProblem):
-            out.problems.append(_problem(conv, str(size)))
-            return None
-        width, height = size
-        try:
-            n, grid = family.image_layout(formatter.processor, height, width)
-        except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
-            out.problems.append(_problem(conv, f"image {ref} ({width}x{height}) cannot be processed: {e}"))
-            return None
-        counts.append(n)
-        grids.append(grid)
+        if isinstance(sizes[ref], ImageProblem):
+            return RowResult(index, problem=_problem(conv, str(sizes[ref])))
+        dims.append(sizes[ref])
     try:
-        formatted = formatter(conv, counts)
-    except FormatError as e:
-        out.problems.append(_problem(conv, str(e).removeprefix(f"{conv.source}: ")))
+        example = _format(conv, formatter, family, dims, formatter.processor)
+    except (FormatError, ValueError) as e:
+        return RowResult(index, problem=_problem(conv, str(e).removeprefix(f"{conv.source}: ")))
+    fingerprint = hashlib.sha1(repr((example.input_ids, example.labels, conv.images)).encode()).hexdigest()
+    if example.num_supervised == 0:
+        return RowResult(index, problem=_problem(conv, "no token is supervised (every reply has train: false?)"))
+    if len(example.input_ids) > max_length and on_overlong == "shrink_images" and dims:
+        example = _shrink(conv, formatter, family, dims, max_length, example) or example
+    if len(example.input_ids) > max_length:
+        n_img = sum(1 for x in example.input_ids if x == formatter.image_token_id)
+        hint = ("raise max_length or shorten the sample" if on_overlong == "shrink_images"
+                else "raise max_length, lower data.max_pixels, set data.on_overlong=shrink_images, "
+                     "or shorten the sample")
+        problem = _problem(conv, f"{len(example.input_ids)} tokens ({n_img} image tokens) do not fit "
+                                 f"data.max_length={max_length}; {hint}")
+        return RowResult(index, example=example, problem=problem, dropped=on_overlong != "error")
+    return RowResult(index, example=example, fingerprint=fingerprint)
+
+
+def _format(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
+            max_pixels: int | None = None) -> Example:
+    counts, grids = [], []
+    for ref, (width, height) in zip(conv.images, dims, strict=True):
+        try:
+            n, grid = family.image_layout(processor, height, width)
+        except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
+            raise ValueError(f"image {ref} ({width}x{height}) cannot be processed: {e}") from None
+        counts.append(n)
+        grids.append(tuple(grid))
+    formatted = formatter(conv, counts)
+    return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source, max_pixels)
+
+
+def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_length: int,
+            full: Example) -> Example | None:
+    """The example under the largest pixel bound (>= min_pixels) that fits max_length, or None."""
+    size = formatter.processor.image_processor.size
+    top, floor = size.get("longest_edge"), size.get("shortest_edge")
+    if not top or not floor:
+        return None  # this family's image processor has no pixel bounds to lower
+    image_id = formatter.image_token_id
+    text_tokens = sum(1 for x in full.input_ids if x != image_id)
+
+    def image_tokens(max_pixels: int) -> int:
+        processor = _with_max_pixels(formatter.processor, max_pixels)
+        return sum(family.image_layout(processor, h, w)[0] for w, h in dims)
+
+    best, lo, hi = None, floor, top - 1
+    while lo <= hi:  # image tokens grow with the bound: find the largest bound that fits
+        mid = (lo + hi) // 2
+        if text_tokens + image_tokens(mid) <= max_length:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
         return None
-    if not any(x != IGNORE_INDEX for x in formatted.labels):
-        out.problems.append(_problem(conv, "no token is supervised (every reply has train: false?)"))
-        return None
-    return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source)
+    return _format(conv, formatter, family, dims, _with_max_pixels(formatter.processor, best), best)
+
+
+def _with_max_pixels(processor, max_pixels: int):
+    clone = copy.copy(processor)
+    clone.image_processor = copy.copy(processor.image_processor)
+    size = dict(processor.image_processor.size)
+    size["longest_edge"] = max_pixels
+    clone.image_processor.size = type(processor.image_processor.size)(**size)
+    return clone
 
 
 def _problem(conv: Conversation, message: str) -> RowProblem:
-    file, _, row = conv.source.rpartition(":")
+    return _problem_at(conv.source, message)
+
+
+def _problem_at(source: str, message: str) -> RowProblem:
+    file, _, row = source.rpartition(":")
     return RowProblem(file, int(row) if row.isdigit() else 0, message)
-
-
-def problem_counts(problems: list[RowProblem]) -> Counter:
-    return Counter(p.message.split(":")[0] for p in problems)
