@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
-BUILTIN = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+def _reference() -> Path:
+    """The real model files in ../shared/reference (or $VLMTUNE_REFERENCE); tests that need them skip without."""
+    for candidate in (os.environ.get("VLMTUNE_REFERENCE"), Path(__file__).resolve().parents[2] / "shared" / "reference",
+                      "/work/shared/reference"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+REFERENCE = _reference()
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision"]
+BUILTIN = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava": "tiny-llava",
+           "llava_next": "tiny-llava-next", "llava_onevision": "tiny-llava-onevision"}
 
 
 @pytest.fixture(scope="session", autouse=True)

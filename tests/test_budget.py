@@ -72,3 +72,15 @@ def test_duplicate_rows_are_reported(tmp_path, processor_for):
     path.write_text(path.read_text() * 2)
     data, _ = run(path, processor_for, 4096, "drop")
     assert [(d.row, d.message) for d in data.duplicates] == [(3, "duplicate of row 1"), (4, "duplicate of row 2")]
+
+
+def test_notebook_inspect_renders_html(tmp_path, processor_for):
+    import vlmtune
+
+    path = rows(tmp_path)
+    recipe = vlmtune.load_recipe(None, overrides={"model.name_or_path": "builtin:tiny-qwen2-vl",
+                                                  "data.train": str(path)})
+    view = vlmtune.inspect(recipe, num=2)
+    page = view._repr_html_()
+    assert "background:#c8f7c5" in page and "&lt;image ×64&gt;" in page and "green" in page
+    assert len(view.samples) == 2

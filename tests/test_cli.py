@@ -109,8 +109,11 @@ def test_bad_rows_are_reported_with_file_and_row(workspace, capsys, row, expecte
 
 def test_all_data_problems_are_reported_together(workspace, capsys):
     write_jsonl(workspace / "train.jsonl", ["{bad", GOOD_ROW, {"messages": [{"role": "user", "content": "q"}]}])
-    code, _, err = run(capsys, "validate", recipe(workspace))
-    assert code == 2 and "2 problems" in err and ":1:" in err and ":3:" in err
+    code, out, _ = run(capsys, "validate", recipe(workspace))
+    assert code == 2 and "2 problems would stop training" in out
+    assert "train.jsonl:1: not valid JSON" in out and "train.jsonl:3: no assistant message" in out
+    code, _, err = run(capsys, "sft", recipe(workspace))
+    assert code == 2 and "2 problems found before training" in err and ":1:" in err and ":3:" in err
 
 
 @pytest.mark.parametrize("fields, expected", [
@@ -156,6 +159,31 @@ def test_samples_too_long_for_max_length_are_never_cut(workspace, capsys, policy
     write_jsonl(workspace / "train.jsonl", [GOOD_ROW, long_row, GOOD_ROW])
     code, out, err = run(capsys, "validate", recipe(workspace, data__max_length=120, data__on_overlong=policy))
     if policy == "drop":
-        assert code == 0 and "1 rows dropped" in out and "train.jsonl:2" in out
+        assert code == 0 and "dropped 1" in out and "dropped: " in out and "train.jsonl:2" in out
     else:
-        assert code == 2 and "train.jsonl:2:" in err and "do not fit data.max_length=120" in err
+        assert code == 2 and "error: " in out and "train.jsonl:2:" in out and "do not fit data.max_length=120" in out
+
+
+def test_inspect_json_lines_are_machine_readable(workspace, capsys):
+    write_jsonl(workspace / "train.jsonl", [GOOD_ROW, {"messages": [{"role": "user", "content": "hi"},
+                                                                    {"role": "assistant", "content": "yo"}]}])
+    code, out, _ = run(capsys, "inspect", recipe(workspace), "--json", "--num", "5")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [x["index"] for x in lines] == [0, 1]
+    assert set(lines[0]) >= {"index", "input_ids", "labels", "num_image_tokens", "dropped"}
+    assert lines[0]["num_image_tokens"] == 4 and lines[1]["num_image_tokens"] == 0
+    assert all(len(x["input_ids"]) == len(x["labels"]) and not x["dropped"] for x in lines)
+    code, out, _ = run(capsys, "inspect", recipe(workspace), "--json", "--index", "1")
+    assert [json.loads(line)["index"] for line in out.splitlines()] == [1]
+
+
+def test_inspect_text_highlights_replies_and_collapses_images(workspace, capsys):
+    code, out, _ = run(capsys, "inspect", recipe(workspace), "--num", "1")
+    assert code == 0 and "<image ×4>" in out and "[[Shapes.<|im_end|>]]" in out
+    assert "4 image tokens" in out and "kept" in out
+
+
+def test_inspect_marks_dropped_samples(workspace, capsys):
+    code, out, _ = run(capsys, "inspect", recipe(workspace, data__max_length=20), "--json", "--num", "1")
+    sample = json.loads(out.splitlines()[0])
+    assert sample["dropped"] and "do not fit" in sample["problem"]

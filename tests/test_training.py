@@ -11,6 +11,8 @@ import torch
 import vlmtune
 from vlmtune.training import build_trainer
 
+from .conftest import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
 
@@ -40,7 +42,7 @@ def snapshot(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("quant", ["none", "4bit"])
 def test_steps_change_every_lora_weight_and_nothing_else(family, quant, small_data, tmp_path):
     if quant == "4bit":
@@ -66,8 +68,9 @@ def test_steps_change_every_lora_weight_and_nothing_else(family, quant, small_da
         assert linear4 and all(".language_model." in n for n in linear4)  # vision tower left unquantized
 
 
-def test_lora_targets_only_the_language_model_by_default(small_data, tmp_path):
-    recipe = recipe_for("qwen2_vl", small_data, tmp_path)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_only_the_language_model_by_default(family, small_data, tmp_path):
+    recipe = recipe_for(family, small_data, tmp_path)
     plan = vlmtune.plan(recipe)
     trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
     lora_modules = {n.rsplit(".lora_", 1)[0] for n, _ in trainer.model.named_parameters() if "lora_" in n}
@@ -116,3 +119,30 @@ def test_train_writes_a_complete_adapter_folder_that_changes_logits(small_data, 
         tuned = PeftModel.from_pretrained(base, out)
         after = tuned(input_ids=ids).logits
     assert not torch.allclose(before, after)
+
+
+def test_interrupted_save_leaves_no_half_written_adapter(small_data, tmp_path, monkeypatch):
+    from vlmtune import training
+
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.max_steps": 1})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "dump", interrupted)  # fails after the adapter is staged, before it is moved
+    with pytest.raises(KeyboardInterrupt):
+        vlmtune.train(recipe, log=lambda *_: None)
+    out = Path(recipe.output_dir)
+    leftovers = sorted(p.name for p in out.iterdir() if p.name != "checkpoints")
+    assert leftovers == [], leftovers
+
+
+def test_cli_exits_130_on_ctrl_c(monkeypatch, capsys):
+    from vlmtune import cli, training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli.main(["sft", str(ROOT / "recipes" / "tiny-demo.yaml")]) == 130
+    assert "nothing was written" in capsys.readouterr().err

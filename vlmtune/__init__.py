@@ -20,4 +20,32 @@ def plan(recipe):
     return plan_run(recipe)
 
 
-__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "__version__"]
+def inspect(recipe, num: int = 3, index: int | None = None):
+    """Formatted samples with supervised tokens highlighted (HTML in Jupyter, text with print)."""
+    from .inspection import inspect as _inspect
+
+    return _inspect(recipe, num=num, index=index)
+
+
+def validate(recipe):
+    """Check every data row without a GPU; returns a ValidationReport (`.ok`, `.render()`)."""
+    from .validation import validate as _validate
+
+    return _validate(recipe)
+
+
+def predict(model, images=None, prompt=None, data=None, out=None, **kwargs):
+    """Generate with a merged model or base + adapter for one prompt or a data file (see vlmtune.prediction)."""
+    from .prediction import predict as _predict
+
+    return _predict(model, images=images, prompt=prompt, data=data, out=out, **kwargs)
+
+
+def merge_adapter(adapter_dir, out, **kwargs):
+    """Merge an adapter into its full-precision base shard by shard, with a parity check (see vlmtune.merge)."""
+    from .merge import merge_adapter as _merge
+
+    return _merge(adapter_dir, out, **kwargs)
+
+
+__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "inspect", "validate", "predict", "merge_adapter", "__version__"]

@@ -25,14 +25,82 @@ def cmd_sft(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .preflight import plan_run
+    from .validation import validate
 
-    plan = plan_run(_recipe(args))
-    print(f"recipe OK: {args.recipe} (family {plan.family.name}, {plan.runtime.device})")
-    print("train data: " + plan.train.summary())
-    if plan.eval is not None:
-        print("eval data: " + plan.eval.summary())
+    report = validate(_recipe(args))
+    print(f"recipe OK: {args.recipe} (family {report.family})")
+    print(report.render())
+    return 0 if report.ok else 2
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from .inspection import inspect
+
+    result = inspect(_recipe(args), num=args.num, index=args.index)
+    if args.json:
+        for sample in result.samples:
+            print(json.dumps(sample.to_json()))
+    else:
+        print(result.render(color=sys.stdout.isatty()))
     return 0
+
+
+def cmd_merge_adapter(args) -> int:
+    from .merge import merge_adapter
+
+    merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, shard_size=args.shard_size,
+                  force=args.force, check=not args.no_check)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .prediction import exact_matches, predict
+
+    records = predict(args.model, images=args.image, prompt=args.prompt, data=args.data, out=args.out,
+                      base=args.base, image_root=args.image_root, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                      dtype=args.dtype)
+    if args.prompt is not None:
+        print(records[0]["prediction"] or "(empty reply: the model ended its turn at once)")
+    else:
+        hits, scored = exact_matches(records)
+        score = f"; {hits}/{scored} equal their reference answer" if scored else ""
+        print(f"{len(records)} predictions" + (f" written to {args.out}" if args.out else "") + score)
+        if not args.out:
+            for r in records:
+                print(f"{r['source']}: {r['prediction']}")
+    return 0
+
+
+def _add_merge_and_predict(sub) -> None:
+    p = sub.add_parser("merge-adapter", help="merge a LoRA adapter into its full-precision base model")
+    p.add_argument("adapter", help="adapter folder written by `vlmtune sft`")
+    p.add_argument("--out", required=True, help="output folder for the merged model (must be empty or new)")
+    p.add_argument("--base", help="base model folder or id (default: the one in the adapter's vlmtune.json)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-check", action="store_true", help="skip the logits parity check against base + adapter")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(func=cmd_merge_adapter)
+    p = sub.add_parser("predict", help="generate with a merged model or a base + adapter")
+    p.add_argument("model", help="merged model folder, adapter folder, or model id/folder")
+    p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
+    p.add_argument("--prompt", help="the user's question")
+    p.add_argument("--data", help="messages JSONL file: one prediction per row")
+    p.add_argument("--out", help="write predictions as JSONL here")
+    p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
+    p.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(func=cmd_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (
         ("sft", cmd_sft, "train a LoRA adapter from a recipe"),
         ("validate", cmd_validate, "check a recipe, its model and every data row without training"),
+        ("inspect", cmd_inspect, "show formatted samples with the supervised tokens highlighted"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        if name == "inspect":
+            p.add_argument("--num", type=int, default=3, help="how many samples (default 3)")
+            p.add_argument("--index", type=int, default=None, help="show only the sample at this 0-based row index")
+            p.add_argument("--json", action="store_true", help="one JSON object per sample and line")
         p.set_defaults(func=func)
+    _add_merge_and_predict(sub)
     return parser
 
 

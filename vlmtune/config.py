@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .data.conversation import TrainOn
+from .data.formats import FIELDS, FORMATS
 
 
 @dataclass
@@ -49,8 +50,11 @@ class LoraConfig:
 class DataConfig:
     train: str = ""
     eval: str | None = None
-    format: str = "messages"
+    format: str = "messages"  # row layout: messages | llava | sharegpt | vqa | caption (data_templates/README.md)
     image_root: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # layout field -> column/key name in the data
+    caption_prompt: str = "Describe this image."  # the user prompt of format: caption
+    allow_urls: bool = False  # download http(s) image URLs into the cache
     max_length: int = 2048
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -105,7 +109,7 @@ CHOICES = {
     "quantization.mode": ("none", "4bit", "8bit"),
     "quantization.quant_type": ("nf4", "fp4"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
-    "data.format": ("messages",),
+    "data.format": FORMATS,
     "data.train_on": tuple(t.value for t in TrainOn),
     "data.on_overlong": ("drop", "error", "shrink_images"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
@@ -342,10 +346,11 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
              f"must not exceed data.max_pixels ({d.min_pixels} > {d.max_pixels})")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train), "data.train", "is required: the path of the training data file (JSONL)")
+    errs.extend(_columns_errors(d.columns, d.format))
     if check_paths:
         for key in ("train", "eval"):
             value = getattr(d, key)
-            if value and not Path(value).is_file():
+            if value and not (Path(value).is_file() or Path(value).is_dir()):  # a folder: a datasets dataset
                 need(False, f"data.{key}", f"file not found: {value}")
         if d.image_root and not Path(d.image_root).is_dir():
             need(False, "data.image_root", f"folder not found: {d.image_root}")
@@ -362,6 +367,17 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
     need(bool(recipe.output_dir), "output_dir", "is required")
     return errs
+
+
+def _columns_errors(columns: object, fmt: str) -> list[FieldError]:
+    """data.columns: a mapping from the format's field names to column names."""
+    if columns is None:
+        return []
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        return [FieldError("data.columns", f"must map field names to column names, e.g. {{image: img}}, got {columns!r}")]
+    known = FIELDS.get(fmt, ())
+    return [FieldError(f"data.columns.{key}", f"is not a field of format {fmt}; its fields: {', '.join(known)}")
+            for key in columns if fmt in FIELDS and key not in known]
 
 
 def dump(recipe: Recipe) -> str:

@@ -35,6 +35,32 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Byte-identical to llava-hf/llava-1.5-7b-hf's chat template (Apache-2.0): no `</s>` after a reply.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    '{% endif %}{# Render all images first #}'
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+    "{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# LLaVA-OneVision's ChatML layout, written from the layout (not a copy of a hub file):
+# `<|im_start|>{role}\n` + one `<image>\n` per image + text + `<|im_end|>\n`; prompt `<|im_start|>assistant\n`.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] }}{% endgeneration %}"
+    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -46,7 +72,8 @@ QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
 SYSTEM_PROMPT = "You answer questions about pictures of coloured shapes in one short sentence."
-BUILTIN_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+BUILTIN_MODELS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-llava": "llava",
+                  "tiny-llava-next": "llava_next", "tiny-llava-onevision": "llava_onevision"}
 _BUILD_VERSION = 1
 _MARKER = "vlmtune-builtin.json"
 
@@ -151,6 +178,52 @@ def build_tiny_tokenizer(vocab_size: int = 1000):
     return tok
 
 
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def build_tiny_llama_tokenizer(vocab_size: int = 1000):
+    """A deterministic Llama-2 style tokenizer (SentencePiece BPE with byte fallback) plus `<image>` and `<pad>`.
+
+    Same pipeline as llava-hf/llava-1.5-7b-hf's tokenizer.json: a `▁` is prepended to every text and
+    spaces become `▁`; `<s>` is added in front; ids 0-2 are `<unk>`, `<s>`, `</s>`, then 256 byte tokens.
+    """
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import TokenizersBackend
+
+    def pipeline(tokenizer):
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        return tokenizer
+
+    # Train on words (SentencePiece pieces never hold an inner `▁`); the saved tokenizer has no pre-tokenizer.
+    trained = pipeline(Tokenizer(BPE(unk_token="<unk>", byte_fallback=True)))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                         special_tokens=list(LLAMA_SPECIAL_TOKENS) + byte_tokens)
+    corpus = (_template_sentences() + ["USER: ASSISTANT:"]) * 3 + [line for line in _GENERIC_TEXT.splitlines() if line]
+    trained.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    backend = pipeline(Tokenizer(BPE(vocab=model["vocab"], merges=merges, unk_token="<unk>", byte_fallback=True,
+                                     fuse_unk=True)))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in (*LLAMA_SPECIAL_TOKENS, "<image>", "<pad>")])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    tok = TokenizersBackend(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False, model_max_length=4096,
+    )  # fmt: skip
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    return tok
+
+
 # ---------------------------------------------------------------- tiny models
 _TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -205,10 +278,96 @@ def _build_qwen2_5_vl(tok):
     return cfg, Qwen2_5_VLForConditionalGeneration, proc
 
 
-# family -> builder(tokenizer) -> (config, model class, processor)
+# Tiny LLaVA parts: a 56 px CLIP / SigLIP tower with 14 px patches (16 patches per 56 px view).
+_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=4096, rms_norm_eps=1e-6)  # fmt: skip
+_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+              patch_size=14)  # fmt: skip
+_CLIP = dict(_TOWER, model_type="clip_vision_model", projection_dim=32)
+_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+_ONEVISION_PINPOINTS = [[56 * i, 56 * j] for i in range(1, 5) for j in range(1, 5)]  # up to 4x4 views: anyres_max_9
+
+
+def _llama_text(tok) -> dict:
+    return dict(_LLM, model_type="llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+
+
+def _build_llava(_tok):
+    """LLaVA-1.5 layout: CLIP tower (CLS dropped: 'default'), second-last layer, Llama LLM, vicuna template."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = build_tiny_llama_tokenizer()
+    cfg = LlavaConfig(vision_config=_CLIP, text_config=_llama_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    image = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    proc = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)  # fmt: skip
+    return cfg, LlavaForConditionalGeneration, proc
+
+
+def _build_llava_next(_tok):
+    """LLaVA-NeXT (vicuna) layout: as LLaVA-1.5 plus anyres tiling over small grid pinpoints."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tok = build_tiny_llama_tokenizer()
+    cfg = LlavaNextConfig(
+        vision_config=_CLIP, text_config=_llama_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=_NEXT_PINPOINTS,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    image = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                    image_grid_pinpoints=_NEXT_PINPOINTS)  # fmt: skip
+    proc = LlavaNextProcessor(image_processor=image, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_CHAT_TEMPLATE)  # fmt: skip
+    return cfg, LlavaNextForConditionalGeneration, proc
+
+
+def _build_llava_onevision(tok):
+    """LLaVA-OneVision layout: SigLIP tower (all tokens: 'full'), Qwen2 LLM and tokenizer, anyres_max_9, ChatML."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok.add_tokens(["<image>", "<video>"], special_tokens=True)
+    tok.chat_template = ONEVISION_CHAT_TEMPLATE
+    ids = _special_ids(tok)
+    text = dict(_LLM, model_type="qwen2", vocab_size=len(tok),
+                **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})  # fmt: skip
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(_TOWER, model_type="siglip_vision_model"), text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=_ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    size = {"height": 56, "width": 56}
+    image = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_ONEVISION_PINPOINTS,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    proc = LlavaOnevisionProcessor(
+        image_processor=image, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=16, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )  # fmt: skip
+    return cfg, LlavaOnevisionForConditionalGeneration, proc
+
+
+# family -> builder(tiny Qwen2 tokenizer) -> (config, model class, processor); LLaVA-1.5/NeXT build a Llama one
 MODEL_FAMILY_BUILDERS: dict[str, Callable[[Any], tuple[Any, Any, Any]]] = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "llava": _build_llava,
+    "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
 }
 
 
@@ -240,9 +399,10 @@ def build_tiny_model_dir(out_dir: str | os.PathLike, family: str = "qwen2_vl", s
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     _widen_output_logits(model)
-    ids = _special_ids(tok)
+    t = proc.tokenizer
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        bos_token_id=t.bos_token_id if t.bos_token_id is not None else t.pad_token_id,
+        eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
     )  # fmt: skip
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

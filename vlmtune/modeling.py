@@ -89,6 +89,10 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
                                "is not installed: pip install 'vlmtune[flash]', or use sdpa (or auto)"))
     if m.attn_implementation == "flash_attention_2" and not cuda:
         errs.append(FieldError("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use sdpa (or auto)"))
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(recipe.data, key) and not family.pixel_bounds:
+            errs.append(FieldError(f"data.{key}", f"{family.description} does not size images by pixel count "
+                                   "(fixed resolution or anyres tiles); remove it"))
     if m.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         errs.append(FieldError("model.dtype", f"this GPU ({torch.cuda.get_device_name()}) does not support "
                                "bfloat16; use float32 (or auto)"))
@@ -209,14 +213,11 @@ def lora_targets(model, family: Family, recipe: Recipe) -> str:
 
 
 def attach_lora(model, family: Family, recipe: Recipe, runtime: Runtime):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     lo = recipe.lora
     if recipe.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        prepare_quantized(model, recipe.train.gradient_checkpointing)
     targets = lora_targets(model, family, recipe)
     if not targets:
         wanted = ", ".join(lo.target_modules or family.default_lora_targets)
@@ -226,6 +227,15 @@ def attach_lora(model, family: Family, recipe: Recipe, runtime: Runtime):
                         modules_to_save=lo.modules_to_save or None, use_rslora=lo.use_rslora,
                         task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, config)
+
+
+def prepare_quantized(model, gradient_checkpointing: bool) -> None:
+    """Freeze a 4/8-bit model for LoRA training without PEFT's upcast of every unquantized layer to fp32,
+    which would double the memory and time of the bf16 vision tower for no gain in a frozen module."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
 
 
 def trainable_report(model, family: Family) -> dict[str, tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Recipe
+from .data.formats import reader_options
 from .data.formatting import Formatter
 from .data.prepare import PreparedData, prepare
 from .errors import PreflightError
@@ -26,13 +27,17 @@ class Plan:
     eval: PreparedData | None
 
 
-def plan_run(recipe: Recipe) -> Plan:
-    """Check model and machine, read and format all data; raise PreflightError listing every problem."""
+def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
+    """Model config, family and formatter (processor inside) for a recipe; PreflightError if the model is wrong."""
     errors, model_config, family = check_model(recipe)
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe)
-    formatter = Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+    return model_config, family, Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+
+
+def check_data(recipe: Recipe, family: Family, formatter: Formatter) -> tuple[dict[str, PreparedData], list[str]]:
+    """Every data split read and formatted, and the problems that would stop training."""
     d = recipe.data
     problems: list[str] = []
     splits = {}
@@ -41,14 +46,21 @@ def plan_run(recipe: Recipe) -> Plan:
         if not path:
             continue
         data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                       desc=f"checking {split} data")
+                       desc=f"checking {split} data", read_options=reader_options(d))
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.examples and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
         if data.rows == 0:
             problems.append(f"data.{split}: {path} has no rows")
         splits[split] = data
+    return splits, problems
+
+
+def plan_run(recipe: Recipe) -> Plan:
+    """Check model and machine, read and format all data; raise PreflightError listing every problem."""
+    model_config, family, formatter = formatting_for(recipe)
+    splits, problems = check_data(recipe, family, formatter)
     if problems:
         raise PreflightError(problems)
-    return Plan(recipe, model_config, family, processor, runtime_for(recipe, family), formatter,
+    return Plan(recipe, model_config, family, formatter.processor, runtime_for(recipe, family), formatter,
                 splits["train"], splits.get("eval"))

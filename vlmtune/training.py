@@ -44,6 +44,7 @@ def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
     on_gpu = plan.runtime.device == "cuda"
     has_eval = plan.eval is not None and len(plan.eval.examples) > 0
     return SFTConfig(
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -56,9 +57,6 @@ def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
         warmup_steps=t.warmup_ratio,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        activation_checkpointing=t.gradient_checkpointing,
-        # non-reentrant: works with a frozen vision tower and frozen embeddings under LoRA
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -79,6 +77,16 @@ def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
         save_only_model=False,
         disable_tqdm=False,
     )
+
+
+def _checkpointing_args(config_cls, enabled: bool) -> dict:
+    """Non-reentrant checkpointing (works with a frozen vision tower), under the field names this version has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):

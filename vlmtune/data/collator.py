@@ -1,4 +1,9 @@
-"""Batches examples: right padding, vision tensors concatenated along dim 0. Knows no family."""
+"""Batches examples: right padding, vision tensors concatenated along dim 0. Knows no family.
+
+Anyres processors (LLaVA-NeXT, LLaVA-OneVision) give each image a different number of tiles
+(pixel_values of shape (images, tiles, 3, H, W)): the tile dimension is zero-padded to the batch
+maximum; the model reads each image's tile count from `image_sizes` and ignores the padding.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import torch
 
 from .formatting import IGNORE_INDEX
 
-CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+               "batch_num_images")
 
 
 class VisionCollator:
@@ -40,5 +46,18 @@ class VisionCollator:
         for key in CONCAT_KEYS:
             parts = [f[key] for f in features if f.get(key) is not None]
             if parts:
-                batch[key] = torch.cat(parts, dim=0)
+                batch[key] = concat_padded(parts)
         return batch
+
+
+def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding every other dimension to the largest size among the parts."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for p in parts:
+        if list(p.shape[1:]) != shape:
+            grown = p.new_zeros((p.shape[0], *shape))
+            grown[(slice(None), *(slice(0, n) for n in p.shape[1:]))] = p
+            p = grown
+        padded.append(p)
+    return torch.cat(padded, dim=0)

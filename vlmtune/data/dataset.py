@@ -45,9 +45,11 @@ class VisionTransform:
             out["labels"].append(torch.tensor(labels, dtype=torch.long))
             vision = {}
             if images:
-                vision = dict(self.processor.image_processor(images=[load_rgb(p) for p in images],
+                # one sample's images as one nested list, as the processor groups them (LLaVA-OneVision
+                # processes the images of a multi-image sample differently from a lone image)
+                vision = dict(self.processor.image_processor(images=[[load_rgb(p) for p in images]],
                                                              return_tensors="pt", **self._bounds(max_pixels)))
-                made = vision.get("image_grid_thw")
+                made = vision.get(self.family.grid_key) if self.family.grid_key else None
                 if made is not None and made.tolist() != [list(g) for g in grids]:
                     raise RuntimeError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
                                        "were planned; did an image file change after the data was prepared?")

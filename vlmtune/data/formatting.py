@@ -2,14 +2,17 @@
 
 The template is the source of truth for the layout. For each assistant turn the prompt up to
 it is rendered with the generation prompt, then the conversation including it; the difference
-is the reply, its end-of-turn token and any trailing text. Prompt text is tokenized in runs
-between replies, and each reply on its own, so the reply starts on a token boundary exactly as
-it does when the model generates after the generation prompt.
+is the reply, its end-of-turn token and any trailing text. The whole text is then tokenized at
+once, exactly as the processor tokenizes it, and each token takes the label of its piece, so a
+reply starts on a token boundary as it does when the model generates after the generation prompt.
+Where a token would straddle two differently labelled pieces, each piece is tokenized on its own.
+An EOS the family appends after a reply is inserted as a token, never as text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 from ..families import Family
 from .conversation import Conversation, TrainOn, Turn
@@ -40,6 +43,28 @@ def template_messages(turns: list[Turn]) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A run of rendered template text; `eos_after`: the tokenizer's EOS token follows it (same label)."""
+
+    text: str
+    supervised: bool
+    eos_after: bool = False
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer adds before and after any text (Llama's BOS), as the processor's own output has them."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at:at + len(plain)] == plain:
+            return full[:at], full[at + len(plain):]
+    return [], []
+
+
+_ANCHOR = "\n"  # tokenized before a piece so that it is tokenized as a continuation, not a text start
+
+
 class Formatter:
     """Formats conversations for one family + processor under one masking strategy."""
 
@@ -55,7 +80,11 @@ class Formatter:
             raise FormatError(f"the tokenizer has no image token {family.image_token!r} (family {family.name})")
         self.image_token_id = vocab[family.image_token]
         self.end_of_turn = "".join(family.end_of_turn)
-        self.eos_text = self.tokenizer.eos_token if family.append_eos_after_reply else ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        if family.append_eos_after_reply and self.tokenizer.eos_token_id is None:
+            raise FormatError(f"family {family.name} appends the tokenizer's EOS after each reply, "
+                              "but the tokenizer has no eos_token")
+        self.affixes = special_affixes(self.tokenizer)
 
     def render(self, turns: list[Turn], add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(
@@ -71,10 +100,14 @@ class Formatter:
         return turns
 
     def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
-        """(text, supervised) pieces whose concatenation is the training text."""
+        """(text, supervised) pieces whose concatenation is the rendered template text (appended EOS excluded)."""
+        return [(p.text, p.supervised) for p in self.pieces(conv)]
+
+    def pieces(self, conv: Conversation) -> list[Piece]:
+        """The rendered conversation cut into prompt, reply, end-token and trailing pieces, in order."""
         turns = self.with_system_prompt(conv)
         selected = self._selected_replies(turns)
-        pieces: list[tuple[str, bool]] = []
+        pieces: list[Piece] = []
         done = ""
         for i, turn in enumerate(turns):
             if turn.role != "assistant":
@@ -86,20 +119,19 @@ class Formatter:
                                   "of the turns before it, so the reply cannot be located")
             reply, tail = self._split_reply(full[len(prompt):], turn.text, conv.source, i)
             train = i in selected
-            pieces.append((prompt[len(done):], False))
-            pieces.append((reply, train))
-            if self.eos_text:
-                pieces.append((self.eos_text, train))
-            elif tail.startswith(self.end_of_turn):
-                pieces.append((self.end_of_turn, train))
-                tail = tail[len(self.end_of_turn):]
-            pieces.append((tail, False))
+            # The template's own end token right after the reply is supervised; failing that, the family
+            # may have the tokenizer's EOS appended (LLaVA-1.5's template ends a reply with a space only).
+            end = next((e for e in (self.end_of_turn, self.eos_token) if e and tail.startswith(e)), "")
+            pieces.append(Piece(prompt[len(done):], False))
+            pieces.append(Piece(reply, train, eos_after=not end and self.family.append_eos_after_reply))
+            pieces.append(Piece(end, train))
+            pieces.append(Piece(tail[len(end):], False))
             done = full
         rest = self.render(turns, add_generation_prompt=False)
-        pieces.append((rest[len(done):], False))
+        pieces.append(Piece(rest[len(done):], False))
         if self.train_on is TrainOn.ALL:
-            pieces = [(text, True) for text, _ in pieces]
-        return [(t, s) for t, s in pieces if t]
+            pieces = [replace(p, supervised=True) for p in pieces]
+        return [p for p in pieces if p.text or p.eos_after]
 
     def _selected_replies(self, turns: list[Turn]) -> set[int]:
         replies = [i for i, t in enumerate(turns) if t.role == "assistant" and t.train]
@@ -109,8 +141,11 @@ class Formatter:
         return set(replies)
 
     def _split_reply(self, rendered: str, text: str, source: str, index: int) -> tuple[str, str]:
-        if rendered.startswith(text):
-            return text, rendered[len(text):]
+        """(reply, rest): the reply verbatim with any whitespace the template puts before it, else stripped."""
+        lead = len(rendered) - len(rendered.lstrip())
+        for at in range(lead + 1):
+            if rendered.startswith(text, at):
+                return rendered[: at + len(text)], rendered[at + len(text):]
         stripped = text.strip()
         at = rendered.find(stripped)
         if stripped and at >= 0 and not rendered[:at].strip():
@@ -120,13 +155,53 @@ class Formatter:
 
     def __call__(self, conv: Conversation, image_token_counts: list[int]) -> Formatted:
         """Token ids and labels; each image placeholder expanded to its number of image tokens."""
-        ids: list[int] = []
-        labels: list[int] = []
-        for text, supervised in self.segments(conv):
-            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids.extend(piece)
-            labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
-        return self._expand_images(ids, labels, image_token_counts, conv.source)
+        pieces = self.pieces(conv)
+        per_piece = self._tokenize_whole(pieces)
+        if per_piece is None:
+            per_piece = [self._tokenize_piece(p.text, first=k == 0) for k, p in enumerate(pieces)]
+        every = self.train_on is TrainOn.ALL
+        prefix, suffix = self.affixes
+        ids, labels = list(prefix), list(prefix) if every else [IGNORE_INDEX] * len(prefix)
+        for piece, piece_ids in zip(pieces, per_piece, strict=True):
+            piece_ids = piece_ids + ([self.tokenizer.eos_token_id] if piece.eos_after else [])
+            ids.extend(piece_ids)
+            labels.extend(piece_ids if piece.supervised else [IGNORE_INDEX] * len(piece_ids))
+        ids.extend(suffix)
+        labels.extend(suffix if every else [IGNORE_INDEX] * len(suffix))
+        counts = list(image_token_counts)
+        if len(counts) > 1 and self.family.multi_image_tokens is not None:
+            counts = [self.family.multi_image_tokens(self.processor)] * len(counts)
+        return self._expand_images(ids, labels, counts, conv.source)
+
+    def _tokenize_whole(self, pieces: list[Piece]) -> list[list[int]] | None:
+        """Each piece's ids from one tokenization of the whole text; None if a token straddles a label change."""
+        enc = self.tokenizer("".join(p.text for p in pieces), add_special_tokens=False, return_offsets_mapping=True)
+        ends = list(itertools.accumulate(len(p.text) for p in pieces))
+        # a boundary matters where the label changes or an EOS goes in
+        hard = [a.eos_after or a.supervised != b.supervised for a, b in itertools.pairwise(pieces)]
+        out: list[list[int]] = [[] for _ in pieces]
+        k = 0
+        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            while k < len(pieces) - 1 and start >= ends[k]:
+                k += 1
+            j = k
+            while j < len(pieces) - 1 and end > ends[j]:
+                j += 1
+            if any(hard[k:j]):
+                return None
+            out[k].append(tok)
+        return out
+
+    def _tokenize_piece(self, text: str, first: bool) -> list[int]:
+        """One piece's ids as a continuation of the text before it (no prefix space a text start gets)."""
+        if first or not text:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        enc = self.tokenizer(_ANCHOR + text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        cut = next((i for i, (start, _) in enumerate(offsets) if start >= len(_ANCHOR)), len(ids))
+        if all(end <= len(_ANCHOR) for _, end in offsets[:cut]):
+            return ids[cut:]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _expand_images(self, ids, labels, counts, source) -> Formatted:
         image_id = self.image_token_id

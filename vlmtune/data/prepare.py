@@ -81,10 +81,12 @@ class PreparedData:
 
 
 def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
-              max_length: int, on_overlong: str = "drop") -> Iterator[RowResult]:
-    """Each row of a data file, read, checked and formatted; problems become values, never exceptions."""
+              max_length: int, on_overlong: str = "drop", read_options: dict | None = None) -> Iterator[RowResult]:
+    """Each row of a data file, read, checked and formatted; problems become values, never exceptions.
+
+    `read_options`: the other keyword arguments of `formats.read_rows` (see `formats.reader_options`)."""
     sizes: dict[str, tuple[int, int] | ImageProblem] = {}
-    for index, item in enumerate(read_rows(Path(path), fmt, image_root)):
+    for index, item in enumerate(read_rows(Path(path), fmt, image_root, **(read_options or {}))):
         if isinstance(item, RowProblem):
             yield RowResult(index, problem=item)
             continue
@@ -92,11 +94,12 @@ def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: For
 
 
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
-            max_length: int, on_overlong: str = "drop", desc: str = "preparing data") -> PreparedData:
+            max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
+            read_options: dict | None = None) -> PreparedData:
     """Read and format a whole data file; problems are collected with file and row."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
-    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong)
+    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options)
     for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1
         if result.problem is not None:

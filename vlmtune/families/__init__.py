@@ -53,6 +53,6 @@ def all_families() -> list[Family]:
     return [_FAMILIES[n] for n in names()]
 
 
-from . import qwen2_vl  # noqa: E402,F401  (registers the Qwen families)
+from . import llava, qwen2_vl  # noqa: E402,F401  (each registers its families)
 
 __all__ = ["Family", "UnknownFamilyError", "register", "get", "for_model_type", "names", "all_families"]

@@ -35,6 +35,13 @@ class Family:
     skip_quantization: tuple[str, ...] = ()
     image_layout: LayoutFn | None = None
     position_ids: PositionFn | None = None  # None: the model's default 1-D positions
+    # Key of the image processor's output that must equal the planned grids (None: nothing to check).
+    grid_key: str | None = "image_grid_thw"
+    # Image tokens per image when a sample holds several images, if that differs from image_layout
+    # (LLaVA-OneVision then drops anyres tiling); None: each image as if alone.
+    multi_image_tokens: Callable[[object], int] | None = None
+    # data.min_pixels / max_pixels apply: the image processor sizes images by pixel count (Qwen2-VL).
+    pixel_bounds: bool = True
     extra: dict = field(default_factory=dict)
 
     def component_of(self, param_name: str) -> str:

@@ -1,0 +1,287 @@
+"""Every family: registry, module layout, image token counts, batching, and the real LLaVA-1.5 files.
+
+Formatting equality with each family's processor and the property tests run per family in
+test_formatting.py; LoRA training steps per family in test_training.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmtune import demo, families
+from vlmtune.data.collator import VisionCollator
+from vlmtune.data.conversation import Conversation, Part, Turn
+from vlmtune.data.dataset import to_dataset
+from vlmtune.data.formatting import IGNORE_INDEX, Formatter
+from vlmtune.data.prepare import Example
+
+from .conftest import BUILTIN, FAMILIES, REFERENCE
+from .test_formatting import CASES, counts_for, reference_ids, supervised_runs, without_appended_eos
+
+SIZES = [(56, 56), (120, 40), (30, 90), (224, 168), (500, 20), (333, 250), (20, 300)]  # (width, height)
+ANYRES = [f for f in FAMILIES if families.get(f).grid_key == "image_sizes"]
+
+
+@pytest.fixture(scope="module")
+def model_for(model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = AutoModelForImageTextToText.from_pretrained(model_dir(family)).eval()
+        return cache[family]
+
+    return get
+
+
+# --- registry --------------------------------------------------------------------------------------------------
+
+def test_registry_rejects_duplicate_names_and_model_types():
+    llava = families.get("llava")
+    with pytest.raises(ValueError, match="already registered"):
+        families.register(dataclasses.replace(llava, model_types=("brand_new",)))
+    with pytest.raises(ValueError, match="model_type 'llava' is already handled by family 'llava'"):
+        families.register(dataclasses.replace(llava, name="another_llava"))
+    assert "another_llava" not in families.names() and families.for_model_type("llava") is llava
+
+
+def test_unknown_family_error_lists_the_supported_ones():
+    with pytest.raises(families.UnknownFamilyError) as e:
+        families.get("llava2")
+    assert all(name in str(e.value) for name in FAMILIES)
+    with pytest.raises(families.UnknownFamilyError, match="llava_onevision"):
+        families.for_model_type("idefics3")
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_family_describes_its_tiny_model(family_name, model_for):
+    family, model = families.get(family_name), model_for(family_name)
+    assert families.for_model_type(model.config.model_type) is family
+    modules = dict(model.named_modules())
+    for prefix in (family.vision_prefix, family.projector_prefix, family.language_prefix,
+                   *family.skip_quantization):
+        assert prefix in modules, prefix
+    language_linear = {n.rsplit(".", 1)[-1] for n, m in modules.items()
+                       if isinstance(m, torch.nn.Linear) and family.component_of(n) == "language"}
+    assert set(family.default_lora_targets) <= language_linear
+    other = {n for n, _ in model.named_parameters() if family.component_of(n) == "other"}
+    assert other <= {"model.image_newline"}  # anyres row separator, trained with neither part
+
+
+# --- image token counts -----------------------------------------------------------------------------------------
+
+def processor_image_tokens(processor, family, images: list) -> int:
+    """How many image tokens the processor expands one sample's `<image>` placeholders to."""
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": "?"}]}],
+        tokenize=False)
+    ids = processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0]
+    return int((ids == processor.tokenizer.convert_tokens_to_ids(family.image_token)).sum())
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_image_layout_equals_the_processors_count(family_name, processor_for):
+    family, processor = families.get(family_name), processor_for(family_name)
+    counts = set()
+    for w, h in SIZES:
+        n, grid = family.image_layout(processor, h, w)
+        assert n == processor_image_tokens(processor, family, [Image.new("RGB", (w, h))]), (w, h)
+        counts.add(n)
+    assert (len(counts) > 1) == (family_name != "llava")  # only LLaVA-1.5 gives every image the same count
+
+
+@pytest.mark.parametrize("family_name", ANYRES)
+def test_anyres_grid_is_the_image_size_the_processor_reports(family_name, processor_for):
+    family, processor = families.get(family_name), processor_for(family_name)
+    imgs = [Image.new("RGB", size) for size in SIZES[:3]]
+    made = processor.image_processor(images=[imgs], return_tensors="pt")
+    assert made["image_sizes"].tolist() == [list(family.image_layout(processor, h, w)[1]) for w, h in SIZES[:3]]
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_multi_image_samples_get_the_processors_count(family_name, processor_for):
+    family, processor = families.get(family_name), processor_for(family_name)
+    imgs = [Image.new("RGB", size) for size in SIZES[:3]]
+    alone = [family.image_layout(processor, h, w)[0] for w, h in SIZES[:3]]
+    expected = sum(alone) if family.multi_image_tokens is None else 3 * family.multi_image_tokens(processor)
+    assert processor_image_tokens(processor, family, imgs) == expected
+    if family.multi_image_tokens is not None:  # LLaVA-OneVision: base view + newline per image, no tiling
+        assert family.multi_image_tokens(processor) == 17 < min(alone)
+
+
+# --- batching ---------------------------------------------------------------------------------------------------
+
+def _examples(family, processor, images) -> list[Example]:
+    fmt = Formatter(family, processor)
+    rows = [[images["wide"]], [images["big"], images["tall"]], [], [images["red"]], [images["big"]]]
+    out = []
+    for i, paths in enumerate(rows):
+        turns = [Turn("user", [Part("image", image=str(p)) for p in paths] + [Part("text", text="q" * (i + 1))]),
+                 Turn("assistant", [Part("text", text="The circle is red.")])]
+        layouts = [family.image_layout(processor, *reversed(Image.open(p).size)) for p in paths]
+        f = fmt(Conversation(turns, source=f"t:{i}"), [n for n, _ in layouts])
+        out.append(Example(f.input_ids, f.labels, [str(p) for p in paths], [g for _, g in layouts], f"t:{i}"))
+    return out
+
+
+def _per_sample_loss(model, batch) -> list[float]:
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    return (losses.sum(1) / (labels != IGNORE_INDEX).sum(1)).tolist()
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_a_batch_gives_each_sample_the_loss_it_has_alone(family_name, processor_for, model_for, images):
+    family, processor, model = families.get(family_name), processor_for(family_name), model_for(family_name)
+    ds = to_dataset(_examples(family, processor, images), family, processor)
+    rows = [ds[i] for i in range(len(ds))]
+    collate = VisionCollator(processor.tokenizer.pad_token_id)
+    batch = collate(rows)
+    image_id = processor.tokenizer.convert_tokens_to_ids(family.image_token)
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [r["input_ids"].tolist().count(image_id) for r in rows]
+    if family_name in ANYRES:  # images with different tile counts share one zero-padded tensor
+        tiles = [r["pixel_values"].shape[1] for r in rows if r.get("pixel_values") is not None]
+        assert len(set(tiles)) > 1 and batch["pixel_values"].shape[1] == max(tiles)
+        assert batch["image_sizes"].shape == (5, 2)
+    batched = _per_sample_loss(model, batch)
+    alone = [_per_sample_loss(model, collate([r]))[0] for r in rows]
+    assert all(math.isfinite(x) for x in batched)
+    assert batched == pytest.approx(alone, rel=1e-4, abs=1e-5)
+
+
+# --- the builtin tiny LLaVA models --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family_name", [f for f in FAMILIES if f.startswith("llava")])
+def test_builtin_llava_model_loads_and_runs(family_name, model_dir, model_for, processor_for, images):
+    from transformers import GenerationConfig
+
+    path, model, processor = model_dir(family_name), model_for(family_name), processor_for(family_name)
+    assert demo.BUILTIN_MODELS[BUILTIN[family_name]] == family_name == model.config.model_type
+    tok = processor.tokenizer
+    assert model.config.text_config.vocab_size == len(tok)
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") != tok.unk_token_id
+    template = demo.ONEVISION_CHAT_TEMPLATE if family_name == "llava_onevision" else demo.LLAVA_CHAT_TEMPLATE
+    assert processor.chat_template == template
+    gen = GenerationConfig.from_pretrained(path)
+    assert gen.eos_token_id == tok.eos_token_id and gen.pad_token_id == tok.pad_token_id
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Yellow."}]}]
+    batch = processor(text=[processor.apply_chat_template(messages, tokenize=False)],
+                      images=[[Image.open(images["big"]).convert("RGB")]], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"])
+    assert math.isfinite(out.loss.item()) and out.loss.item() > 0
+
+
+def test_tiny_llama_tokenizer_matches_the_real_pipeline():
+    tok = demo.build_tiny_llama_tokenizer()
+    assert [tok.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "<0x00>")] == [0, 1, 2, 3]
+    assert tok("The circle is red.")["input_ids"][0] == tok.bos_token_id
+    assert tok.tokenize("USER: What colour is the circle?")[:3] == ["▁USER:", "▁What", "▁colour"]
+    for text in ("héllo 日本 🚀", "  two  spaces", "What?\nYes."):
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # as in llava-1.5's tokenizer.json, a `▁` is prepended to the text after a special token
+    assert tok.tokenize("a</s>b") == ["▁a", "</s>", "▁b"]
+    assert demo.build_tiny_llama_tokenizer().backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+# --- conformance with the real LLaVA-1.5 files ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_llava():
+    ref = REFERENCE / "llava_1_5_7b_hf"
+    if not ref.is_dir():
+        pytest.skip("../shared/reference is not present")
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(ref)
+
+
+def test_tiny_llava_template_is_the_real_one(real_llava):
+    assert demo.LLAVA_CHAT_TEMPLATE == real_llava.chat_template
+    assert families.for_model_type("llava") is families.get("llava")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conformance_with_real_llava_1_5_files(case, real_llava, images):
+    family, processor = families.get("llava"), real_llava
+    c = CASES[case](images)
+    _, ref = reference_ids(processor, c, c.images)
+    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    replies = [t.text for t in c.turns if t.role == "assistant"]
+    assert ref[0] == 1  # the processor's BOS, which the formatter keeps
+    assert without_appended_eos(out.input_ids, ref, 2) == (ref, len(replies))  # `</s>` is id 2
+    assert supervised_runs(processor.tokenizer, out.input_ids, out.labels) == [r + "</s>" for r in replies]
+    supervised = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
+    assert supervised.count(2) == len(replies) and supervised[-1] == 2
+    assert 32000 not in supervised  # <image>
+
+
+def test_real_llava_336px_image_gives_576_tokens(real_llava):
+    family = families.get("llava")
+    assert family.image_layout(real_llava, 336, 336) == (576, (336, 336))
+    for w, h in ((336, 336), (640, 480), (100, 700)):
+        assert family.image_layout(real_llava, h, w)[0] == 576
+        assert processor_image_tokens(real_llava, family, [Image.new("RGB", (w, h))]) == 576
+
+
+def test_a_reply_the_template_merges_with_is_tokenized_on_its_own():
+    """Qwen's real vocabulary merges the prompt's `\\n` with a reply's leading `\\n`: the reply keeps its own."""
+    ref = REFERENCE / "qwen2_5_vl_7b_instruct"
+    if not ref.is_dir():
+        pytest.skip("../shared/reference is not present")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(ref)
+    tok = processor.tokenizer
+    c = Conversation([Turn("user", [Part("text", text="Hi")]), Turn("assistant", [Part("text", text="\nx")])])
+    out = Formatter(families.get("qwen2_5_vl"), processor)(c, [])
+    assert supervised_runs(tok, out.input_ids, out.labels) == ["\nx<|im_end|>"]
+    rendered = processor.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "\nx"}], tokenize=False)
+    assert tok.decode(out.input_ids) == rendered and out.input_ids != tok(rendered)["input_ids"]
+
+
+# --- end of turn for other LLaVA-NeXT templates, and what does not apply ----------------------------------------
+
+MISTRAL_LIKE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+                "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+                "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
+                "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                "{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}")
+
+
+def test_a_template_that_ends_replies_with_eos_gets_no_second_one(processor_for, images):
+    import copy
+
+    family, processor = families.get("llava_next"), copy.copy(processor_for("llava_next"))
+    processor.chat_template = MISTRAL_LIKE
+    c = CASES["multi_turn"](images)
+    _, ref = reference_ids(processor, c, c.images)
+    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    assert out.input_ids == ref  # nothing appended: the template's own `</s>` is supervised
+    replies = [t.text for t in c.turns if t.role == "assistant"]
+    assert supervised_runs(processor.tokenizer, out.input_ids, out.labels) == [r + "</s>" for r in replies]
+
+
+@pytest.mark.parametrize("key", ["min_pixels", "max_pixels"])
+def test_pixel_bounds_are_refused_where_they_do_not_apply(key):
+    import vlmtune
+    from vlmtune.modeling import check_runtime
+
+    from .test_training import SHAPES
+
+    recipe = vlmtune.load_recipe(None, overrides={"model.name_or_path": "builtin:tiny-llava-next", f"data.{key}": 3136,
+                                                  "data.train": str(SHAPES / "train.jsonl")})
+    assert [e.path for e in check_runtime(recipe, families.get("llava_next"))] == [f"data.{key}"]
+    assert check_runtime(recipe, families.get("qwen2_vl")) == []

@@ -1,0 +1,167 @@
+"""predict: prompts formatted as in training, base + adapter equals the merged model, batching, files, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vlmtune
+from vlmtune.cli import main
+from vlmtune.data.conversation import Conversation, Part, Turn
+from vlmtune.prediction import encode, generate, load_for_inference, read_prompts
+
+from .conftest import write_jsonl
+from .test_merge import BUILTIN_FOR, FAMILIES, QUIET, trained_adapter  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "data_templates" / "shapes"
+
+
+def image_part(name):
+    return {"type": "image", "image": f"images/{name}"}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Shapes eval rows of different lengths, a multi-turn row, a prompt-only row, and a row with two images."""
+    rows = [json.loads(line) for line in (SHAPES / "eval.jsonl").read_text().splitlines()[:5]]
+    rows.append({"messages": [{"role": "user", "content": [image_part("eval_0006.png"),
+                                                           {"type": "text", "text": "How many shapes are there?"}]}]})
+    rows.append({"messages": [
+        {"role": "user", "content": [image_part("eval_0007.png"), {"type": "text", "text": "Which shape is red?"}]},
+        {"role": "assistant", "content": "The red shape is a circle."},
+        {"role": "user", "content": "And which is blue? Please answer in one short sentence, as before."},
+        {"role": "assistant", "content": "The blue shape is a square."}]})
+    rows.append({"messages": [{"role": "user", "content": [image_part("eval_0008.png"), image_part("eval_0009.png"),
+                                                           {"type": "text", "text": "How many shapes in total?"}]},
+                              {"role": "assistant", "content": "There are 4 shapes in total."}]})
+    folder = tmp_path_factory.mktemp("pred-data")
+    return write_jsonl(folder / "rows.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def merged(trained_adapter, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("merged") / "qwen2_vl"
+    vlmtune.merge_adapter(trained_adapter("qwen2_vl"), out, check=False, **QUIET)
+    return out
+
+
+def test_prompts_are_the_training_tokens_up_to_the_reply(trained_adapter, data_file):  # noqa: F811
+    from vlmtune.data.formatting import IGNORE_INDEX
+    from vlmtune.data.images import image_size
+    from vlmtune.data.prepare import _format
+
+    loaded = load_for_inference(trained_adapter("qwen2_vl"))
+    prompts = read_prompts(data_file, image_root=str(SHAPES))
+    assert [p.reference is None for p in prompts] == [False] * 5 + [True, False, False]
+    assert prompts[6].reference == "The blue shape is a square." and len(prompts[6].turns) == 3
+    for p in prompts:
+        if p.reference is None:
+            continue
+        conv = Conversation([*p.turns, Turn("assistant", [Part(type="text", text=p.reference)])])
+        full = _format(conv, loaded.formatter, loaded.family, [image_size(Path(i)) for i in conv.images],
+                       loaded.processor)
+        ids = encode(loaded, p).input_ids
+        assert full.input_ids[:len(ids)] == ids  # exactly the training tokens ...
+        assert full.labels[len(ids) - 1] == IGNORE_INDEX != full.labels[len(ids)]  # ... up to the last reply
+        assert loaded.formatter.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_greedy_equals_one_by_one(family, data_file):
+    """On the random base models, whose replies change with every input token (so padding mistakes show)."""
+    loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
+    examples = [encode(loaded, p) for p in read_prompts(data_file, image_root=str(SHAPES))]
+    assert len({len(e.input_ids) for e in examples}) > 2  # batches really are padded
+    alone = [generate(loaded, [e], max_new_tokens=12)[0] for e in examples]
+    assert generate(loaded, examples, max_new_tokens=12) == alone
+    assert generate(loaded, examples[::-1][:3], max_new_tokens=12) == alone[::-1][:3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_and_replies_equal_plain_transformers(family):
+    """What transformers' own processor + generate() make of the same question (M-RoPE positions included)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmtune.demo import builtin_model_path
+    from vlmtune.prediction import model_inputs, single_prompt
+
+    image, question = SHAPES / "images" / "eval_0003.png", "Which shape is blue?"
+    loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
+    ours = model_inputs(loaded, [encode(loaded, single_prompt([image], question))])
+    path = builtin_model_path(BUILTIN_FOR[family])
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.allclose(model(**ours).logits, model(**theirs).logits, atol=1e-5)
+    out = model.generate(**theirs, max_new_tokens=10, do_sample=False)
+    reply = processor.decode(out[0, theirs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert generate(loaded, [encode(loaded, single_prompt([image], question))], max_new_tokens=10) == [reply]
+
+
+def test_adapter_and_merged_model_predict_the_same(trained_adapter, merged, data_file, tmp_path):  # noqa: F811
+    kw = dict(data=data_file, image_root=str(SHAPES), max_new_tokens=12, batch_size=3, progress=False)
+    via_adapter = vlmtune.predict(trained_adapter("qwen2_vl"), out=tmp_path / "a.jsonl", **kw)
+    via_merged = vlmtune.predict(merged, out=tmp_path / "m.jsonl", **kw)
+    assert [r["prediction"] for r in via_adapter] == [r["prediction"] for r in via_merged]
+    written = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    assert [w["row"] for w in written] == rows and [w["prediction"] for w in written] == [
+        r["prediction"] for r in via_merged]
+    assert written[0]["reference"] == rows[0]["messages"][-1]["content"][0]["text"] and written[5]["reference"] is None
+    assert written[0]["source"].endswith("rows.jsonl:1")
+
+
+def test_single_prompt_with_images_and_sampling(merged):
+    image = SHAPES / "images" / "eval_0001.png"
+    kw = dict(images=[image], prompt="What colour is the square?", max_new_tokens=8, progress=False)
+    greedy = vlmtune.predict(merged, **kw)
+    assert len(greedy) == 1 and greedy[0]["reference"] is None
+    assert greedy[0]["row"]["messages"][0]["content"][0] == {"type": "image", "image": str(image)}
+    sampled = [vlmtune.predict(merged, temperature=1.5, top_p=0.9, seed=s, **kw)[0]["prediction"] for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the seed makes sampling reproducible
+    two = vlmtune.predict(merged, images=[image, SHAPES / "images" / "eval_0002.png"], prompt="Same colour?",
+                          max_new_tokens=4, progress=False)
+    assert isinstance(two[0]["prediction"], str)
+
+
+def test_cli_predict(merged, data_file, tmp_path, capsys):
+    image = SHAPES / "images" / "eval_0001.png"
+    assert main(["predict", str(merged), "--image", str(image), "--prompt", "What colour?",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(merged), "--data", str(data_file), "--image-root", str(SHAPES), "--out", str(out),
+                 "--max-new-tokens", "6", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"8 predictions written to {out}" in printed and "equal their reference answer" in printed
+    assert len(out.read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompt", "hi", "--image", "nope.png"], "image not found"),
+    (["--data", "missing.jsonl"], "data file not found"),
+    (["--prompt", "hi", "--data", "x.jsonl"], "either a prompt"),
+    (["--data", "BAD", "--image-root", str(SHAPES)], "bad.jsonl:2: message 0: unknown role"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_bad_predict_inputs_exit_cleanly(merged, tmp_path, capsys, args, expected):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]},
+                                               {"messages": [{"role": "robot", "content": "q"}]}])
+    args = [str(bad) if a == "BAD" else a for a in args]
+    code = main(["predict", str(merged), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_a_folder_that_is_no_model_is_refused(tmp_path, capsys):
+    assert main(["predict", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "neither a model folder" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""`messages` rows (OpenAI-style typed parts): `{"messages": [{"role", "content": str | [parts]}], "images"?: [...]}`.
+
+An image part names its image (`"image"`, `"path"` or `"image_url"`), or leaves it out and takes one from
+the row's `"images"` list: by `"index"` when given, else the next in order (the layout of many Hugging
+Face datasets).
+"""
+
+from __future__ import annotations
+
+from ..conversation import Conversation, Part, Turn
+from ..images import ImageProblem
+from .common import Options, Resolve, RowError, finish, image_refs, resolve_all, train_flag
+
+REQUIRED = ("messages",)
+OPTIONAL = ("images",)
+
+
+def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        raise RowError('expected an object with a "messages" list, e.g. '
+                       '{"messages": [{"role": "user", "content": [...]}, {"role": "assistant", ...}]}')
+    pool = _Pool(image_refs(row.get("images"), "images"), resolve)
+    turns = []
+    for i, msg in enumerate(row["messages"]):
+        if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
+            raise RowError(f'message {i}: expected an object with "role" and "content"')
+        turns.append(Turn(role=msg["role"], parts=_parts(msg["content"], i, resolve, pool), train=train_flag(msg, i)))
+    pool.check_all_used()
+    return finish(turns)
+
+
+class _Pool:
+    """The row's `"images"` list, handed out to image parts that do not name their image."""
+
+    def __init__(self, refs: list, resolve: Resolve):
+        self.refs = refs
+        self.paths = resolve_all(refs, resolve, "images") if refs else []
+        self.taken = 0
+
+    def take(self, index: object, where: str) -> str:
+        k = index if isinstance(index, int) and not isinstance(index, bool) else self.taken
+        if not 0 <= k < len(self.paths):
+            raise RowError(f'{where}: an image part without an image, but "images" has no image {k} '
+                           f"({len(self.paths)} given)")
+        self.taken += 1
+        return self.paths[k]
+
+    def check_all_used(self) -> None:
+        if self.taken != len(self.paths):
+            raise RowError(f'{self.taken} image parts without their own image but {len(self.paths)} images in "images"')
+
+
+def _parts(content: object, i: int, resolve: Resolve, pool: _Pool) -> list[Part]:
+    if isinstance(content, str):
+        return [Part(type="text", text=content)]
+    if not isinstance(content, list):
+        raise RowError(f"message {i}: content must be a string or a list of typed parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(Part(type="text", text=part["text"]))
+        elif kind in ("image", "image_url"):
+            ref = part.get("image") if part.get("image") is not None else part.get("path")
+            if kind == "image_url":
+                url = part.get("image_url")
+                ref = url.get("url") if isinstance(url, dict) else url
+            if ref is None:
+                parts.append(Part(type="image", image=pool.take(part.get("index"), f"message {i} part {j}")))
+                continue
+            try:
+                parts.append(Part(type="image", image=resolve(ref)))
+            except ImageProblem as e:
+                raise RowError(f"message {i} part {j}: {e}") from None
+        else:
+            raise RowError(f"message {i} part {j}: unknown content part {part!r}; expected "
+                           '{"type": "text", "text": ...} or {"type": "image", "image": "path.png"}')
+    return parts

@@ -1,0 +1,117 @@
+"""Show samples as the model will see them: supervised tokens highlighted, image runs collapsed."""
+
+from __future__ import annotations
+
+import html
+import itertools
+from dataclasses import dataclass
+
+from .config import Recipe
+from .data.formats import reader_options
+from .data.formatting import IGNORE_INDEX
+from .data.prepare import iter_rows
+from .preflight import formatting_for
+
+GREEN, DIM, CYAN, RESET = "\033[42;30m", "\033[2m", "\033[36m", "\033[0m"
+
+
+@dataclass
+class SampleView:
+    index: int
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    num_image_tokens: int
+    dropped: bool
+    problem: str | None
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "input_ids": self.input_ids, "labels": self.labels,
+                "num_image_tokens": self.num_image_tokens, "dropped": self.dropped, "source": self.source,
+                "problem": self.problem}
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class Inspection:
+    """Samples of a recipe's training data with the tokenizer to render them; shows itself in Jupyter as HTML."""
+
+    samples: list[SampleView]
+    tokenizer: object
+    image_token_id: int
+    notes: list[str]
+
+    def runs(self, s: SampleView):
+        """(kind, text) pieces: kind is 'image', 'train' or 'prompt'."""
+        def kind(pair):
+            tok, lab = pair
+            return "image" if tok == self.image_token_id else ("train" if lab != IGNORE_INDEX else "prompt")
+
+        for k, group in itertools.groupby(zip(s.input_ids, s.labels, strict=True), key=kind):
+            ids = [t for t, _ in group]
+            text = f"<image ×{len(ids)}>" if k == "image" else self.tokenizer.decode(ids)
+            yield k, text
+
+    def stats(self, s: SampleView) -> str:
+        state = "DROPPED: " + (s.problem or "") if s.dropped else (s.problem or "kept")
+        return (f"#{s.index} {s.source}: {len(s.input_ids)} tokens, {s.num_image_tokens} image tokens, "
+                f"{s.num_supervised} supervised; {state}")
+
+    def render(self, color: bool = True) -> str:
+        out = [f"note: {n}" for n in self.notes]
+        for s in self.samples:
+            out.append(("" if not color else CYAN) + self.stats(s) + (RESET if color else ""))
+            pieces = []
+            for k, text in self.runs(s):
+                if not color:
+                    pieces.append(f"[[{text}]]" if k == "train" else text)
+                else:
+                    pieces.append({"train": GREEN, "image": CYAN, "prompt": DIM}[k] + text + RESET)
+            out.append("".join(pieces))
+            out.append("")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render(color=False)
+
+    def _repr_html_(self) -> str:
+        style = {"train": "background:#c8f7c5", "image": "color:#06c;font-weight:bold", "prompt": "color:#666"}
+        parts = [f"<p><i>note: {html.escape(n)}</i></p>" for n in self.notes]
+        parts.append("<p>Green: supervised tokens (labels); grey: prompt; blue: image tokens.</p>")
+        for s in self.samples:
+            body = "".join(f'<span style="{style[k]}">{html.escape(t)}</span>' for k, t in self.runs(s))
+            parts.append(f"<h4>{html.escape(self.stats(s))}</h4>"
+                         f'<pre style="white-space:pre-wrap">{body}</pre>')
+        return "\n".join(parts)
+
+
+def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str = "train") -> Inspection:
+    """Format `num` samples (or the one at `index`, 0-based) of the recipe's data without loading weights."""
+    _, family, formatter = formatting_for(recipe)
+    d = recipe.data
+    path = getattr(d, split)
+    if not path:
+        raise ValueError(f"data.{split} is not set")
+    samples = []
+    image_id = formatter.image_token_id
+    rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
+                     read_options=reader_options(d))
+    for r in rows:
+        if index is not None and r.row != index:
+            continue
+        ex = r.example
+        problem = str(r.problem.message) if r.problem is not None else None
+        source = ex.source if ex else f"{r.problem.file}:{r.problem.row}"
+        samples.append(SampleView(r.row, source, ex.input_ids if ex else [], ex.labels if ex else [],
+                                  ex.input_ids.count(image_id) if ex else 0, r.dropped, problem))
+        if len(samples) >= (1 if index is not None else num):
+            break
+    notes = []
+    if family.append_eos_after_reply:
+        eos = formatter.tokenizer.eos_token
+        notes.append(f"the {family.name} chat template emits no end-of-sequence token after a reply; vlmtune "
+                     f"appends {eos} to every supervised reply so the model learns to stop")
+    return Inspection(samples, formatter.tokenizer, image_id, notes)

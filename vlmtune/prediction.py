@@ -1,0 +1,301 @@
+"""`predict`: generate with a merged model or a base + adapter (unmerged), prompts formatted as in training.
+
+The prompt is rendered by the model's chat template through vlmtune's Formatter (same system prompt,
+same image-token expansion, same pixel bounds as the processor saved with the adapter), then the
+conversation is continued with the template's generation prompt. Batches are left-padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import families
+from .data.conversation import Conversation, Part, TrainOn, Turn
+from .data.formatting import IGNORE_INDEX, Formatter
+from .data.images import ImageProblem, image_size
+from .data.prepare import Example
+from .data.prepare import _format as format_example  # training's formatting of one conversation
+from .errors import VlmtuneError
+
+METADATA_FILE = "vlmtune.json"
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate, with the processor and formatting it was trained with."""
+
+    model: object
+    processor: object
+    family: families.Family
+    formatter: Formatter  # as in training (masking strategy and system prompt from vlmtune.json)
+    kind: str  # "adapter" (base + adapter, unmerged) or "model"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def prompt_formatter(self) -> Formatter:
+        """The training formatter, supervising only the last reply (so the prompt before it can be cut off)."""
+        return Formatter(self.family, self.processor, TrainOn.LAST_ASSISTANT, self.formatter.system_prompt)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_for_inference(path, base: str | None = None, dtype: torch.dtype | None = None,
+                       device: str | None = None) -> Loaded:
+    """A merged/plain model folder, or an adapter folder (detected by adapter_config.json) on its base."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from .modeling import resolve_model_path
+
+    folder = Path(resolve_model_path(str(path))).expanduser()
+    if not folder.is_dir():
+        raise VlmtuneError(f"model or adapter folder not found: {path}")
+    meta = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else {}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if is_adapter:
+        from .merge import locate_base
+
+        base_ref = base or meta.get("base_model") or json.loads(
+            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_ref:
+            raise VlmtuneError(f"{folder} names no base model; give it with --base")
+        model_dir = locate_base(base_ref)
+    elif not (folder / "config.json").is_file():
+        raise VlmtuneError(f"{folder} is neither a model folder (config.json) nor an adapter folder "
+                           "(adapter_config.json)")
+    else:
+        model_dir = folder
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        family = families.get(meta["family"]) if meta.get("family") else families.for_model_type(config.model_type)
+    except families.UnknownFamilyError as e:
+        raise VlmtuneError(str(e)) from None
+    with quiet_loading():
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    formatter = Formatter(family, processor, meta.get("train_on", "assistant"), meta.get("system_prompt"))
+    return Loaded(model, processor, family, formatter, "adapter" if is_adapter else "model", meta)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-weight progress bars or deprecation chatter while models load (they drown the real output)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class Prompt:
+    """One generation request: the conversation so far, its images, and the reference reply if known."""
+
+    turns: list[Turn]
+    row: dict
+    reference: str | None = None
+    source: str = ""
+
+    @property
+    def images(self) -> list[str]:
+        return [img for t in self.turns for img in t.images]
+
+
+def single_prompt(images: list, text: str) -> Prompt:
+    paths = [str(Path(p)) for p in images or []]
+    for p in paths:
+        try:
+            image_size(Path(p))
+        except ImageProblem as e:
+            raise VlmtuneError(str(e)) from None
+    parts = [Part(type="image", image=p) for p in paths] + [Part(type="text", text=text)]
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": p} for p in paths]
+                         + [{"type": "text", "text": text}]}]}
+    return Prompt([Turn("user", parts)], row, None, "prompt")
+
+
+def read_prompts(path, image_root: str | None = None) -> list[Prompt]:
+    """Rows of a `messages` data file (vlmtune's reader): the conversation before a final assistant reply,
+    which is the reference answer; rows that end in a user turn are prompts without a reference."""
+    from .data.images import ImageResolver
+    from .data.readers import sources
+    from .data.readers.common import RowError
+
+    path = Path(path)
+    if not path.exists():
+        raise VlmtuneError(f"data file not found: {path}")
+    resolve = ImageResolver(sources.base_dir(path), image_root)
+    prompts, problems = [], []
+    for number, unit, raw in sources.rows(path, {}):
+        source = f"{path}:{number}"
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            prompts.append(_prompt_from_row(raw, resolve, source))
+        except (RowError, ImageProblem) as e:
+            problems.append(f"{source}: {(unit + ' ') if unit else ''}{e}")
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}{more}")
+    if not prompts:
+        raise VlmtuneError(f"{path} has no rows")
+    return prompts
+
+
+def _prompt_from_row(row, resolve, source: str) -> Prompt:
+    from .data.readers import messages as reader
+    from .data.readers.common import Options
+
+    messages = row.get("messages") if isinstance(row, dict) else None
+    has_reply = bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+    parsed_row = row
+    if isinstance(messages, list) and not has_reply:
+        # the reader wants an assistant reply: a prompt-only row gets a placeholder, dropped again below
+        parsed_row = {**row, "messages": [*messages, {"role": "assistant", "content": "-"}]}
+    *turns, last = reader.read(parsed_row, resolve, Options()).turns
+    for img in (i for t in turns for i in t.images):
+        image_size(Path(img))
+    return Prompt(turns, row, last.text if has_reply else None, source)
+
+
+def encode(loaded: Loaded, prompt: Prompt) -> Example:
+    """The prompt as training would tokenize it, ending in the generation prompt (an Example without labels).
+
+    The conversation gets a placeholder reply and goes through training's own formatting (image token
+    counts, grids, tokenization in runs between replies); the tokens before that reply are the prompt.
+    """
+    conv = Conversation([*prompt.turns, Turn("assistant", [Part(type="text", text="-")])], source=prompt.source)
+    dims = [image_size(Path(p)) for p in conv.images]
+    try:
+        example = format_example(conv, loaded.prompt_formatter, loaded.family, dims, loaded.processor)
+    except ValueError as e:
+        raise VlmtuneError(f"{prompt.source}: {e}") from None
+    start = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    return Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.grids, prompt.source)
+
+
+def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
+    """One left-padded batch: training's dataset transform and collator, then padding moved to the left."""
+    from .data.collator import VisionCollator
+    from .data.dataset import to_dataset
+
+    tok = loaded.formatter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dataset = to_dataset(examples, loaded.family, loaded.processor)
+    batch = VisionCollator(pad)([dataset[i] for i in range(len(examples))])
+    batch.pop("labels")
+    batch.pop("position_ids", None)  # generate() derives positions from the attention mask (and mm_token_type_ids)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    left_ids, left_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
+    for i in range(len(examples)):
+        n = int(mask[i].sum())
+        left_ids[i, ids.shape[1] - n:] = ids[i, :n]
+        left_mask[i, ids.shape[1] - n:] = 1
+    batch["input_ids"], batch["attention_mask"] = left_ids, left_mask
+    processor = loaded.processor
+    if "mm_token_type_ids" in getattr(processor, "model_input_names", ()):
+        # Qwen2-VL derives its 3-D (M-RoPE) positions in generate() from these; without them it silently
+        # gives image tokens plain 1-D positions, unlike training
+        batch["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(left_ids.tolist()))
+    return batch
+
+
+def generate(loaded: Loaded, examples: list[Example], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0) -> list[str]:
+    """Replies for one batch of encoded prompts."""
+    tok = loaded.formatter.tokenizer
+    batch = model_inputs(loaded, examples)
+    device, dtype = loaded.device, loaded.model.dtype
+    inputs = {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+    stop = [tok.convert_tokens_to_ids(t) for t in loaded.family.end_of_turn]
+    eos = loaded.model.generation_config.eos_token_id
+    stop += [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None and e not in stop]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stop,
+                                    **sample)
+    length = inputs["input_ids"].shape[1]
+    return [tok.decode(row[length:], skip_special_tokens=True).strip() for row in out]
+
+
+def predict(model, images: list | None = None, prompt: str | None = None, data=None, out=None, *,
+            base: str | None = None, image_root: str | None = None, max_new_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
+            dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None) -> list[dict]:
+    """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given.
+
+    Returns one record per input: {"row", "prediction", "reference", "source"}.
+    """
+    from tqdm.auto import tqdm
+
+    _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
+    prompts = [single_prompt(images, prompt)] if prompt is not None else read_prompts(data, image_root)
+    if loaded is None:
+        from .merge import DTYPES
+
+        if dtype is not None and dtype not in DTYPES:
+            raise VlmtuneError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+        loaded = load_for_inference(model, base=base, dtype=DTYPES.get(dtype) if dtype else None)
+    torch.manual_seed(seed)
+    encoded = [encode(loaded, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].input_ids))  # similar lengths together
+    replies: dict[int, str] = {}
+    with tqdm(total=len(prompts), desc="predicting", unit=" rows", disable=not progress or len(prompts) == 1) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            texts = generate(loaded, [encoded[i] for i in idx], max_new_tokens, temperature, top_p)
+            replies.update(zip(idx, texts, strict=True))
+            bar.update(len(idx))
+    records = [{"row": p.row, "prediction": replies[i], "reference": p.reference, "source": p.source}
+               for i, p in enumerate(prompts)]
+    if out is not None:
+        write_jsonl(Path(out), records)
+    return records
+
+
+def _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size) -> None:
+    if (prompt is None) == (data is None):
+        raise VlmtuneError("give either a prompt (with --image files) or a data file (--data), not both or neither")
+    if images and prompt is None:
+        raise VlmtuneError("--image goes with --prompt; a data file names its images itself")
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise VlmtuneError("max_new_tokens and batch_size must be positive")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise VlmtuneError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def exact_matches(records: list[dict]) -> tuple[int, int]:
+    """(predictions equal to their reference, rows with a reference)."""
+    scored = [r for r in records if r["reference"] is not None]
+    return sum(r["prediction"].strip() == r["reference"].strip() for r in scored), len(scored)

@@ -1,0 +1,59 @@
+"""`vlmtune validate`: the whole dataset checked without a GPU, every problem by file and row, then a summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Recipe
+from .data.prepare import PreparedData
+from .preflight import check_data, formatting_for
+
+
+@dataclass
+class ValidationReport:
+    splits: dict[str, PreparedData]
+    problems: list[str]  # stop training
+    family: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self, limit: int = 200) -> str:
+        lines = []
+        for split, data in self.splits.items():
+            warnings = [f"  warning: {p}" for p in data.duplicates[:limit]]
+            warnings += [f"  dropped: {p}" for p in data.dropped[:limit]]
+            lines.append(f"{split}: {data.summary().splitlines()[0]}")
+            lines.append("  " + length_summary(data))
+            lines.extend(warnings)
+        if self.problems:
+            lines.append(f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''} would stop training:")
+            lines.extend(f"  error: {p}" for p in self.problems[:limit])
+            if len(self.problems) > limit:
+                lines.append(f"  ... and {len(self.problems) - limit} more")
+        else:
+            lines.append("OK: no problem would stop training")
+        return "\n".join(lines)
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
+
+
+def length_summary(data: PreparedData) -> str:
+    lengths = sorted(len(e.input_ids) for e in data.examples)
+    tokens = sum(lengths)
+    frac = data.num_supervised / tokens if tokens else 0.0
+    p = {q: percentile(lengths, q) for q in (50, 90, 99)}
+    return (f"tokens per sample p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, max {lengths[-1] if lengths else 0}; "
+            f"supervised fraction {frac:.1%}; dropped {len(data.dropped)}; duplicates {len(data.duplicates)}")
+
+
+def validate(recipe: Recipe) -> ValidationReport:
+    """Read, check and format every row of every split (no weights loaded)."""
+    _, family, formatter = formatting_for(recipe)
+    splits, problems = check_data(recipe, family, formatter)
+    return ValidationReport(splits, problems, family.name)
