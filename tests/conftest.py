@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+
 def _reference() -> Path:
     """The real model files in ../shared/reference (or $VLMTUNE_REFERENCE); tests that need them skip without."""
     for candidate in (os.environ.get("VLMTUNE_REFERENCE"), Path(__file__).resolve().parents[2] / "shared" / "reference",

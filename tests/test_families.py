@@ -18,7 +18,7 @@ from vlmtune.data.collator import VisionCollator
 from vlmtune.data.conversation import Conversation, Part, Turn
 from vlmtune.data.dataset import to_dataset
 from vlmtune.data.formatting import IGNORE_INDEX, Formatter
-from vlmtune.data.prepare import Example
+from vlmtune.data.prepare import Example, image_tokens
 
 from .conftest import BUILTIN, FAMILIES, REFERENCE
 from .test_formatting import CASES, counts_for, reference_ids, supervised_runs, without_appended_eos
@@ -125,9 +125,9 @@ def _examples(family, processor, images) -> list[Example]:
     for i, paths in enumerate(rows):
         turns = [Turn("user", [Part("image", image=str(p)) for p in paths] + [Part("text", text="q" * (i + 1))]),
                  Turn("assistant", [Part("text", text="The circle is red.")])]
-        layouts = [family.image_layout(processor, *reversed(Image.open(p).size)) for p in paths]
-        f = fmt(Conversation(turns, source=f"t:{i}"), [n for n, _ in layouts])
-        out.append(Example(f.input_ids, f.labels, [str(p) for p in paths], [g for _, g in layouts], f"t:{i}"))
+        counts, grids = image_tokens(family, processor, paths, [Image.open(p).size for p in paths])
+        f = fmt(Conversation(turns, source=f"t:{i}"), counts)
+        out.append(Example(f.input_ids, f.labels, [str(p) for p in paths], grids, f"t:{i}"))
     return out
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from vlmtune import families
 from vlmtune.data.conversation import Conversation, Part, TrainOn, Turn
 from vlmtune.data.formatting import IGNORE_INDEX, FormatError, Formatter, template_messages
+from vlmtune.data.prepare import image_tokens
 
 from .conftest import FAMILIES, REFERENCE
 
@@ -32,7 +33,8 @@ def reference_ids(processor, conversation, image_paths):
 
 
 def counts_for(family, processor, paths):
-    return [family.image_layout(processor, *reversed(Image.open(p).size))[0] for p in paths]
+    """Image tokens per image of one sample, planned as training plans them."""
+    return image_tokens(family, processor, [str(p) for p in paths], [Image.open(p).size for p in paths])[0]
 
 
 def end_token(family, tokenizer) -> str:
@@ -205,10 +207,10 @@ def test_generated_conversations_supervise_exactly_the_replies(family_name, proc
         with pytest.raises(FormatError, match="image placeholders"):
             Formatter(family, processor, train_on)(c, counts)
         return
+    if len(counts) > 1 and family.multi_image_tokens is not None:  # as prepare() plans them
+        counts = [family.multi_image_tokens(processor)] * len(counts)
     out = Formatter(family, processor, train_on)(c, counts)
     ids, labels = out.input_ids, out.labels
-    if len(counts) > 1 and family.multi_image_tokens is not None:
-        counts = [family.multi_image_tokens(processor)] * len(counts)
 
     # Same ids as the processor's tokenization of the rendered template (its BOS included), plus one EOS
     # per reply where the family appends it; equal whenever no reply starts or ends with whitespace (else

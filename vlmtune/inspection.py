@@ -112,6 +112,6 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
     notes = []
     if family.append_eos_after_reply:
         eos = formatter.tokenizer.eos_token
-        notes.append(f"the {family.name} chat template emits no end-of-sequence token after a reply; vlmtune "
-                     f"appends {eos} to every supervised reply so the model learns to stop")
+        notes.append(f"where the {family.name} chat template ends a reply without an end-of-sequence token, "
+                     f"vlmtune appends {eos} to the supervised reply so the model learns to stop")
     return Inspection(samples, formatter.tokenizer, image_id, notes)

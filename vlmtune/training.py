@@ -17,7 +17,7 @@ from .config import Recipe, dump
 from .data.collator import VisionCollator
 from .data.dataset import to_dataset
 from .errors import VlmtuneError
-from .modeling import (attach_lora, format_report, load_base_model, pixel_bounds, trainable_report)
+from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
 
 METADATA_FILE = "vlmtune.json"
@@ -122,7 +122,7 @@ def metadata(plan: Plan) -> dict:
         "base_model": r.model.name_or_path,
         "quantization": r.quantization.mode,
         "dtype": str(plan.runtime.dtype).removeprefix("torch."),
-        "pixel_bounds": pixel_bounds(plan.processor),
+        "pixel_bounds": pixel_bounds(plan.processor) if plan.family.pixel_bounds else None,
         "train_on": r.data.train_on,
         "system_prompt": r.data.system_prompt,
         "max_length": r.data.max_length,

@@ -168,10 +168,7 @@ class Formatter:
             labels.extend(piece_ids if piece.supervised else [IGNORE_INDEX] * len(piece_ids))
         ids.extend(suffix)
         labels.extend(suffix if every else [IGNORE_INDEX] * len(suffix))
-        counts = list(image_token_counts)
-        if len(counts) > 1 and self.family.multi_image_tokens is not None:
-            counts = [self.family.multi_image_tokens(self.processor)] * len(counts)
-        return self._expand_images(ids, labels, counts, conv.source)
+        return self._expand_images(ids, labels, list(image_token_counts), conv.source)
 
     def _tokenize_whole(self, pieces: list[Piece]) -> list[list[int]] | None:
         """Each piece's ids from one tokenization of the whole text; None if a token straddles a label change."""

@@ -148,16 +148,24 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
     return RowResult(index, example=example, fingerprint=fingerprint)
 
 
-def _format(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
-            max_pixels: int | None = None) -> Example:
+def image_tokens(family: Family, processor, refs: list[str], dims) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Image tokens and vision grid per image of one sample, given each image's (width, height)."""
     counts, grids = [], []
-    for ref, (width, height) in zip(conv.images, dims, strict=True):
+    for ref, (width, height) in zip(refs, dims, strict=True):
         try:
             n, grid = family.image_layout(processor, height, width)
         except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
             raise ValueError(f"image {ref} ({width}x{height}) cannot be processed: {e}") from None
         counts.append(n)
         grids.append(tuple(grid))
+    if len(counts) > 1 and family.multi_image_tokens is not None:
+        counts = [family.multi_image_tokens(processor)] * len(counts)
+    return counts, grids
+
+
+def _format(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
+            max_pixels: int | None = None) -> Example:
+    counts, grids = image_tokens(family, processor, conv.images, dims)
     formatted = formatter(conv, counts)
     return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source, max_pixels)
 
@@ -167,7 +175,7 @@ def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_
     """The example under the largest pixel bound (>= min_pixels) that fits max_length, or None."""
     size = formatter.processor.image_processor.size
     top, floor = size.get("longest_edge"), size.get("shortest_edge")
-    if not top or not floor:
+    if not family.pixel_bounds or not top or not floor:
         return None  # this family's image processor has no pixel bounds to lower
     image_id = formatter.image_token_id
     text_tokens = sum(1 for x in full.input_ids if x != image_id)
