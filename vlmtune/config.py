@@ -58,6 +58,10 @@ class DataConfig:
     max_length: int = 2048
     min_pixels: int | None = None
     max_pixels: int | None = None
+    video_fps: float = 2.0  # frames sampled per second of video (a frame list is taken as sampled at this rate)
+    video_max_frames: int = 32  # at most this many frames per video (the count is padded to an even number)
+    video_min_pixels: int | None = None  # per-frame pixel bounds of videos; None: the processor's
+    video_max_pixels: int | None = None
     train_on: str = "assistant"
     system_prompt: str | None = None
     on_overlong: str = "drop"  # drop | error | shrink_images
@@ -88,12 +92,27 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training on DeepSpeed ZeRO (README: Multi-GPU / multi-node)."""
+
+    deepspeed: str = "none"  # none | zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON config
+    num_processes: int | None = None  # per node; None: every local GPU with deepspeed set, else 1
+    num_nodes: int = 1
+    node_rank: int | None = None  # None: $NODE_RANK, else 0
+    master_addr: str | None = None  # None: $MASTER_ADDR, else 127.0.0.1 (single node)
+    master_port: int | None = None  # None: $MASTER_PORT, else 29500
+    hostfile: str | None = None  # DeepSpeed hostfile (`host slots=N` lines): the deepspeed launcher starts every node
+    launcher: str = "auto"  # auto | torchrun | deepspeed | accelerate; auto: deepspeed with a hostfile, else torchrun
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/vlmtune"
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -116,10 +135,13 @@ CHOICES = {
                                 "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
                     "adafactor", "sgd"),
+    "distributed.launcher": ("auto", "torchrun", "deepspeed", "accelerate"),
 }
 ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},
            "quantization.compute_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
-           "quantization.mode": {"4-bit": "4bit", "qlora": "4bit", "8-bit": "8bit", None: "none", False: "none"}}
+           "quantization.mode": {"4-bit": "4bit", "qlora": "4bit", "8-bit": "8bit", None: "none", False: "none"},
+           "distributed.deepspeed": {None: "none", False: "none", "zero-2": "zero2", "zero-3": "zero3",
+                                     "zero3-offload": "zero3_offload", "zero-3-offload": "zero3_offload"}}
 
 
 @dataclass(frozen=True)
@@ -306,7 +328,14 @@ def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
     for name in ("train", "eval", "image_root"):
         value = getattr(data, name)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(data, name, str(base / value))
+            setattr(data, name, os.path.normpath(base / value))
+    dist = recipe.distributed
+    for name in ("deepspeed", "hostfile"):  # a DeepSpeed JSON config or hostfile next to the recipe
+        value = getattr(dist, name)
+        if not value or (name == "deepspeed" and not value.endswith(".json")):
+            continue
+        if not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(dist, name, os.path.normpath(base / value))
 
 
 def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
@@ -344,6 +373,15 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     if d.min_pixels and d.max_pixels:
         need(d.min_pixels <= d.max_pixels, "data.min_pixels",
              f"must not exceed data.max_pixels ({d.min_pixels} > {d.max_pixels})")
+    need(d.video_fps > 0, "data.video_fps", f"must be a positive number of frames per second, got {d.video_fps}")
+    need(d.video_max_frames >= 2, "data.video_max_frames",
+         f"must be at least 2 (frames are grouped in pairs), got {d.video_max_frames}")
+    for key in ("video_min_pixels", "video_max_pixels"):
+        v = getattr(d, key)
+        need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
+    if d.video_min_pixels and d.video_max_pixels:
+        need(d.video_min_pixels <= d.video_max_pixels, "data.video_min_pixels",
+             f"must not exceed data.video_max_pixels ({d.video_min_pixels} > {d.video_max_pixels})")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train), "data.train", "is required: the path of the training data file (JSONL)")
     errs.extend(_columns_errors(d.columns, d.format))
@@ -366,6 +404,66 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", f"must be positive, got {t.eval_steps}")
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
     need(bool(recipe.output_dir), "output_dir", "is required")
+    errs.extend(_distributed_errors(recipe, check_paths))
+    return errs
+
+
+def _distributed_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
+    """The distributed section, and the combinations with quantization that DeepSpeed cannot run."""
+    from . import deepspeed_config
+
+    errs: list[FieldError] = []
+    dist, q = recipe.distributed, recipe.quantization
+    ds = dist.deepspeed
+    presets = ", ".join(deepspeed_config.PRESET_NAMES)
+    config = None
+    if deepspeed_config.is_preset(ds):
+        config = deepspeed_config.load(ds)
+    elif ds != "none":
+        if not ds.endswith(".json"):
+            close = difflib.get_close_matches(ds, deepspeed_config.PRESET_NAMES, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errs.append(FieldError("distributed.deepspeed", f"must be none, {presets} or the path of a DeepSpeed "
+                                   f"JSON config, got {_show(ds)}{hint}"))
+        elif check_paths:
+            try:
+                config = deepspeed_config.load(ds)
+            except deepspeed_config.DeepSpeedConfigError as e:
+                errs.append(FieldError("distributed.deepspeed", str(e)))
+    if dist.num_processes is not None and dist.num_processes < 1:
+        errs.append(FieldError("distributed.num_processes", f"must be a positive integer, got {dist.num_processes}"))
+    if dist.num_nodes < 1:
+        errs.append(FieldError("distributed.num_nodes", f"must be a positive integer, got {dist.num_nodes}"))
+    if dist.node_rank is not None and not 0 <= dist.node_rank < max(dist.num_nodes, 1):
+        errs.append(FieldError("distributed.node_rank", f"must be in [0, num_nodes={dist.num_nodes}), got {dist.node_rank}"))
+    if dist.master_port is not None and not 1 <= dist.master_port <= 65535:
+        errs.append(FieldError("distributed.master_port", f"must be a TCP port (1-65535), got {dist.master_port}"))
+    if dist.hostfile:
+        if check_paths and not Path(dist.hostfile).expanduser().is_file():
+            errs.append(FieldError("distributed.hostfile", f"file not found: {dist.hostfile}"))
+        if dist.launcher in ("torchrun", "accelerate"):
+            errs.append(FieldError("distributed.hostfile", f"is read by the deepspeed launcher, not {dist.launcher}; "
+                                   "set distributed.launcher=deepspeed (or auto), or give num_nodes, node_rank and "
+                                   "master_addr and start vlmtune on every node"))
+        if dist.node_rank is not None:
+            errs.append(FieldError("distributed.node_rank", "is not used with a hostfile: the deepspeed launcher "
+                                   "starts every node of the hostfile itself; remove one of them"))
+        if ds == "none":
+            errs.append(FieldError("distributed.hostfile", "needs distributed.deepspeed (zero2, zero3, ...): "
+                                   "the hostfile is read by the deepspeed launcher"))
+    if dist.launcher == "deepspeed" and ds == "none":
+        errs.append(FieldError("distributed.launcher", "deepspeed needs distributed.deepspeed set (zero2, zero3, ...); "
+                               "plain data parallel runs under torchrun"))
+    if config is not None:
+        stage = deepspeed_config.zero_stage(config)
+        offload = deepspeed_config.offloads(config)
+        if stage == 3 and q.mode == "8bit":
+            errs.append(FieldError("quantization.mode", "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; "
+                                   "use quantization.mode=4bit (QLoRA) or distributed.deepspeed=zero2"))
+        if q.mode == "4bit" and offload["param"]:
+            errs.append(FieldError("distributed.deepspeed", "4-bit (QLoRA) weights cannot go through ZeRO-3 "
+                                   "parameter offload (bitsandbytes' packed 4-bit tensors are not offloadable); "
+                                   "use zero3 (no offload_param), or quantization.mode=none with zero3_offload"))
     return errs
 
 
