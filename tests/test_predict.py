@@ -51,7 +51,7 @@ def merged(trained_adapter, tmp_path_factory):  # noqa: F811
 def test_prompts_are_the_training_tokens_up_to_the_reply(trained_adapter, data_file):  # noqa: F811
     from vlmtune.data.formatting import IGNORE_INDEX
     from vlmtune.data.images import image_size
-    from vlmtune.data.prepare import _format
+    from vlmtune.data.prepare import format_example
 
     loaded = load_for_inference(trained_adapter("qwen2_vl"))
     prompts = read_prompts(data_file, image_root=str(SHAPES))
@@ -61,7 +61,7 @@ def test_prompts_are_the_training_tokens_up_to_the_reply(trained_adapter, data_f
         if p.reference is None:
             continue
         conv = Conversation([*p.turns, Turn("assistant", [Part(type="text", text=p.reference)])])
-        full = _format(conv, loaded.formatter, loaded.family, [image_size(Path(i)) for i in conv.images],
+        full = format_example(conv, loaded.formatter, loaded.family, [image_size(Path(i)) for i in conv.images],
                        loaded.processor)
         ids = encode(loaded, p).input_ids
         assert full.input_ids[:len(ids)] == ids  # exactly the training tokens ...

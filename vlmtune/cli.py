@@ -15,9 +15,16 @@ def _recipe(args):
 
 
 def cmd_sft(args) -> int:
+    from . import distributed
     from .training import train
 
-    result = train(_recipe(args))
+    recipe = _recipe(args)
+    if distributed.needs_launch(recipe):  # more than one process asked for, and no launcher started this one
+        return distributed.relaunch(recipe, args.argv, entry=distributed.entry_script(),
+                                    log=lambda m: print(m, file=sys.stderr))
+    result = train(recipe)
+    if not distributed.is_main_process():
+        return 0
     m = result.metrics
     print(f"done: {m.get('global_step', '?')} steps, train loss {m.get('train_loss', float('nan')):.4f}, "
           f"{m.get('train_samples_per_second', 0):.2f} samples/s -> {result.output_dir}")
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a re-launch under torchrun/deepspeed runs again
     try:
         return args.func(args)
     except (RecipeError, VlmtuneError) as e:

@@ -461,9 +461,10 @@ def _distributed_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
             errs.append(FieldError("quantization.mode", "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; "
                                    "use quantization.mode=4bit (QLoRA) or distributed.deepspeed=zero2"))
         if q.mode == "4bit" and offload["param"]:
-            errs.append(FieldError("distributed.deepspeed", "4-bit (QLoRA) weights cannot go through ZeRO-3 "
-                                   "parameter offload (bitsandbytes' packed 4-bit tensors are not offloadable); "
-                                   "use zero3 (no offload_param), or quantization.mode=none with zero3_offload"))
+            errs.append(FieldError("distributed.deepspeed", "4-bit (QLoRA) with ZeRO-3 parameter offload is not "
+                                   "supported (bitsandbytes' packed 4-bit weights and their quantization state are "
+                                   "not made to be paged to the CPU and back); use zero3 without offload_param, "
+                                   "or quantization.mode=none with zero3_offload"))
     return errs
 
 

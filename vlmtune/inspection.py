@@ -42,18 +42,23 @@ class Inspection:
     samples: list[SampleView]
     tokenizer: object
     image_token_id: int
+    video_token_id: int | None
     notes: list[str]
 
     def runs(self, s: SampleView):
         """(kind, text) pieces: kind is 'image', 'train' or 'prompt'."""
         def kind(pair):
             tok, lab = pair
-            return "image" if tok == self.image_token_id else ("train" if lab != IGNORE_INDEX else "prompt")
+            if tok == self.image_token_id:
+                return "image"
+            if tok == self.video_token_id:
+                return "video"
+            return "train" if lab != IGNORE_INDEX else "prompt"
 
         for k, group in itertools.groupby(zip(s.input_ids, s.labels, strict=True), key=kind):
             ids = [t for t, _ in group]
-            text = f"<image ×{len(ids)}>" if k == "image" else self.tokenizer.decode(ids)
-            yield k, text
+            text = f"<{k} ×{len(ids)}>" if k in ("image", "video") else self.tokenizer.decode(ids)
+            yield ("image" if k == "video" else k), text
 
     def stats(self, s: SampleView) -> str:
         state = "DROPPED: " + (s.problem or "") if s.dropped else (s.problem or "kept")
@@ -114,4 +119,4 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
         eos = formatter.tokenizer.eos_token
         notes.append(f"where the {family.name} chat template ends a reply without an end-of-sequence token, "
                      f"vlmtune appends {eos} to the supervised reply so the model learns to stop")
-    return Inspection(samples, formatter.tokenizer, image_id, notes)
+    return Inspection(samples, formatter.tokenizer, image_id, formatter.video_token_id, notes)

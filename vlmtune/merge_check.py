@@ -17,7 +17,7 @@ from .data.collator import VisionCollator
 from .data.conversation import Conversation, Part, Turn
 from .data.dataset import to_dataset
 from .data.images import image_size
-from .data.prepare import _format as format_example  # training's formatting of one conversation
+from .data.prepare import format_example  # training's formatting of one conversation
 from .errors import VlmtuneError
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

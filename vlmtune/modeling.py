@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None
         errs.append(FieldError("model.family", f"{m.family} does not match the model's model_type "
                                f"{config.model_type!r}; use auto"))
     errs.extend(check_runtime(recipe, family))
+    from .distributed import check_distributed
+
+    errs.extend(check_distributed(recipe, config, family))
     return errs, config, family
 
 
@@ -89,6 +93,9 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
                                "is not installed: pip install 'vlmtune[flash]', or use sdpa (or auto)"))
     if m.attn_implementation == "flash_attention_2" and not cuda:
         errs.append(FieldError("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use sdpa (or auto)"))
+    for key in ("video_min_pixels", "video_max_pixels"):
+        if getattr(recipe.data, key) and family.video_layout is None:
+            errs.append(FieldError(f"data.{key}", f"{family.description} does not take video; remove it"))
     for key in ("min_pixels", "max_pixels"):
         if getattr(recipe.data, key) and not family.pixel_bounds:
             errs.append(FieldError(f"data.{key}", f"{family.description} does not size images by pixel count "
@@ -128,7 +135,8 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_processor(recipe: Recipe):
-    """The model's processor, with the recipe's pixel bounds set on its image processor."""
+    """The model's processor, with the recipe's pixel bounds set on its image processor and its video settings
+    (fps, frame cap, per-frame pixel bounds) on its video processor."""
     from transformers import AutoProcessor
 
     m, d = recipe.model, recipe.data
@@ -142,6 +150,9 @@ def load_processor(recipe: Recipe):
         if d.max_pixels:
             size["longest_edge"] = d.max_pixels
         ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
+    from .data.video import apply_video_settings
+
+    apply_video_settings(processor, d.video_fps, d.video_max_frames, d.video_min_pixels, d.video_max_pixels)
     return processor
 
 
@@ -158,7 +169,14 @@ def quantization_config(recipe: Recipe, family: Family):
 
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.skip_quantization))
+    from .deepspeed_config import stage_of
+
+    extra = {}
+    if recipe.distributed.deepspeed != "none" and stage_of(recipe.distributed.deepspeed) == 3:
+        # ZeRO-3 flattens and partitions the packed 4-bit weights with every other weight: same storage dtype
+        extra["bnb_4bit_quant_storage"] = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(
+        **extra,
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
@@ -176,7 +194,12 @@ def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
     quant = quantization_config(recipe, family)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": torch.cuda.current_device() if runtime.device == "cuda" else "cpu"}
+        from .distributed import zero3_enabled
+
+        if not zero3_enabled():  # under ZeRO-3 zero.Init places the weights; a device_map is refused
+            local = int(os.environ.get("LOCAL_RANK", "-1"))
+            device = (local if local >= 0 else torch.cuda.current_device()) if runtime.device == "cuda" else "cpu"
+            kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(resolve_model_path(m.name_or_path), **kwargs)
     if quant is not None and runtime.device == "cpu":
         _disable_cpu_4bit_repacking(model)
@@ -242,7 +265,8 @@ def trainable_report(model, family: Family) -> dict[str, tuple[int, int]]:
     """Per component: (trainable, total) parameter counts."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves each rank a slice: ds_numel is the whole
+        n *= 2 * p.element_size() if p.__class__.__name__ == "Params4bit" else 1  # two 4-bit values a byte
         c = counts[family.component_of(name)]
         c[1] += n
         if p.requires_grad:

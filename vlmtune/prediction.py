@@ -1,8 +1,10 @@
 """`predict`: generate with a merged model or a base + adapter (unmerged), prompts formatted as in training.
 
-The prompt is rendered by the model's chat template through vlmtune's Formatter (same system prompt,
-same image-token expansion, same pixel bounds as the processor saved with the adapter), then the
-conversation is continued with the template's generation prompt. Batches are left-padded.
+A prompt goes through training's own path: vlmtune's Formatter with the processor saved beside the model
+(same chat template, system prompt and pixel bounds), the family's image layout, the dataset transform
+and the collator; the tokens before the final reply are the prompt, ending in the template's generation
+prompt. Batches are left-padded; Qwen's 3-D positions come from `mm_token_type_ids`, as transformers'
+own processor would give them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from . import families
 from .data.conversation import Conversation, Part, TrainOn, Turn
 from .data.formatting import IGNORE_INDEX, Formatter
 from .data.images import ImageProblem, image_size
-from .data.prepare import Example
-from .data.prepare import _format as format_example  # training's formatting of one conversation
+from .data.prepare import (
+    Example,
+    format_example,  # training's formatting of one conversation
+)
 from .errors import VlmtuneError
 
 METADATA_FILE = "vlmtune.json"
@@ -37,11 +41,12 @@ class Loaded:
     formatter: Formatter  # as in training (masking strategy and system prompt from vlmtune.json)
     kind: str  # "adapter" (base + adapter, unmerged) or "model"
     meta: dict = field(default_factory=dict)
+    prompt_formatter: Formatter | None = None  # as `formatter`, supervising only the last reply (see encode)
 
-    @property
-    def prompt_formatter(self) -> Formatter:
-        """The training formatter, supervising only the last reply (so the prompt before it can be cut off)."""
-        return Formatter(self.family, self.processor, TrainOn.LAST_ASSISTANT, self.formatter.system_prompt)
+    def __post_init__(self):
+        if self.prompt_formatter is None:
+            self.prompt_formatter = Formatter(self.family, self.processor, TrainOn.LAST_ASSISTANT,
+                                              self.formatter.system_prompt)
 
     @property
     def device(self) -> torch.device:

@@ -43,7 +43,12 @@ def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
     workers = d.num_workers if d.num_workers is not None else default_num_workers()
     on_gpu = plan.runtime.device == "cuda"
     has_eval = plan.eval is not None and len(plan.eval.examples) > 0
+    from .distributed import deepspeed_for_run
+
+    # before the model loads: under ZeRO-3 from_pretrained partitions the weights as it reads them (zero.Init)
+    ds_config = deepspeed_for_run(recipe, plan.runtime, plan.model_config)
     return SFTConfig(
+        deepspeed=ds_config,
         **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_train_epochs,
@@ -93,18 +98,27 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
     from trl import SFTTrainer
 
+    from .distributed import keep_vision_in_step, world_size, zero3_enabled
+
     recipe = plan.recipe
+    args = sft_config(recipe, plan, checkpoint_dir)  # first: a DeepSpeed config must exist before the model loads
+    if args.deepspeed:
+        from .distributed import init_deepspeed_comm
+
+        init_deepspeed_comm()
     model = load_base_model(recipe, plan.family, plan.runtime)
     model = attach_lora(model, plan.family, recipe, plan.runtime)
+    if zero3_enabled() or world_size() > 1:  # every rank runs the vision tower once per forward
+        keep_vision_in_step(model, plan.family, plan.processor)
     report = trainable_report(model, plan.family)
     log(format_report(report))
     if sum(t for t, _ in report.values()) == 0:
         raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
     tokenizer = plan.processor.tokenizer
     collator = VisionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor)
-    eval_ds = to_dataset(plan.eval.examples, plan.family, plan.processor) if plan.eval else None
-    trainer = SFTTrainer(model=model, args=sft_config(recipe, plan, checkpoint_dir), data_collator=collator,
+    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config)
+    eval_ds = to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config) if plan.eval else None
+    trainer = SFTTrainer(model=model, args=args, data_collator=collator,
                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=plan.processor)
     return trainer, report
 
@@ -126,13 +140,24 @@ def metadata(plan: Plan) -> dict:
         "train_on": r.data.train_on,
         "system_prompt": r.data.system_prompt,
         "max_length": r.data.max_length,
+        "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": _world_size()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__},
     }
 
 
+def _world_size() -> int:
+    from .distributed import world_size
+
+    return world_size()
+
+
 def train(recipe: Recipe, log=print) -> TrainResult:
     """Check everything, train, and write the adapter folder; nothing half-written if interrupted."""
+    from .distributed import gathered_adapter_state, is_main_process
+
+    if not is_main_process():  # only rank 0 reports
+        log = _quiet
     plan = plan_run(recipe)
     log(f"model: {recipe.model.name_or_path} (family {plan.family.name}, {plan.runtime.device}, "
         f"{str(plan.runtime.dtype).removeprefix('torch.')}, attention {plan.runtime.attn_implementation}, "
@@ -155,10 +180,15 @@ def train(recipe: Recipe, log=print) -> TrainResult:
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     if plan.eval is not None and plan.eval.examples:
         metrics.update(trainer.evaluate())
+    adapter_state = gathered_adapter_state(trainer.model)  # ZeRO-3: collective, every rank; else None
     if trainer.is_world_process_zero():
-        write_outputs(trainer, plan, out, metrics)
+        write_outputs(trainer, plan, out, metrics, adapter_state=adapter_state)
         log(f"saved adapter, processor and metadata to {out}")
     return TrainResult(out, metrics, {k: v[0] for k, v in report.items()})
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _data_metrics(plan: Plan, metrics: dict) -> dict:
@@ -178,11 +208,16 @@ def _data_metrics(plan: Plan, metrics: dict) -> dict:
     }
 
 
-def write_outputs(trainer, plan: Plan, out: Path, metrics: dict) -> None:
-    """Adapter, processor, resolved recipe, metrics, then metadata last, each moved into place whole."""
+def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: dict | None = None) -> None:
+    """Adapter, processor, resolved recipe, metrics, then metadata last, each moved into place whole.
+
+    adapter_state: the adapter weights gathered from every ZeRO-3 rank (else read from the model)."""
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        trainer.model.save_pretrained(staging)
+        if adapter_state is not None:
+            trainer.model.save_pretrained(staging, state_dict=adapter_state)
+        else:
+            trainer.model.save_pretrained(staging)
         plan.processor.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
         (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")

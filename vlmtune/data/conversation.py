@@ -13,16 +13,17 @@ class TrainOn(str, enum.Enum):
 
     ASSISTANT = "assistant"  # every assistant reply (and its end-of-turn token)
     LAST_ASSISTANT = "last_assistant"  # only the final assistant reply
-    ALL = "all"  # the whole sequence except image and padding tokens
+    ALL = "all"  # the whole sequence except image, video and padding tokens
 
 
 @dataclass(frozen=True)
 class Part:
-    """Text, or one image given as a resolved path (or other reference a reader produced)."""
+    """Text, one image (a resolved path), or one video: a video file path or a tuple of frame image paths."""
 
-    type: str  # "text" | "image"
+    type: str  # "text" | "image" | "video"
     text: str = ""
     image: str | None = None
+    video: str | tuple[str, ...] | None = None
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Turn:
     def images(self) -> list[str]:
         return [p.image for p in self.parts if p.type == "image"]
 
+    @property
+    def videos(self) -> list[str | tuple[str, ...]]:
+        return [p.video for p in self.parts if p.type == "video"]
+
 
 @dataclass
 class Conversation:
@@ -49,6 +54,10 @@ class Conversation:
     @property
     def images(self) -> list[str]:
         return [img for turn in self.turns for img in turn.images]
+
+    @property
+    def videos(self) -> list[str | tuple[str, ...]]:
+        return [v for turn in self.turns for v in turn.videos]
 
     def problems(self) -> list[str]:
         """Invariant violations, in words a user can act on (empty when fine)."""
@@ -64,6 +73,8 @@ class Conversation:
                 out.append(f"message {i}: the assistant reply is empty")
             if turn.role == "assistant" and turn.images:
                 out.append(f"message {i}: assistant messages cannot contain images")
+            if turn.role == "assistant" and turn.videos:
+                out.append(f"message {i}: assistant messages cannot contain videos")
         if not any(t.role == "assistant" for t in self.turns):
             out.append("no assistant message: there is nothing to train on")
         return out

@@ -1,7 +1,7 @@
-"""Prepared examples as a `datasets.Dataset` whose on-access transform decodes and processes images.
+"""Prepared examples as a `datasets.Dataset` whose on-access transform decodes and processes images and videos.
 
-The transform runs where rows are fetched, i.e. inside the DataLoader workers, so image work
-overlaps the training step instead of running serially inside it.
+The transform runs where rows are fetched, i.e. inside the DataLoader workers, so image and video
+work overlaps the training step instead of running serially inside it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import datasets
 import torch
 
 from ..families import Family
+from . import video
 from .images import load_rgb
 from .prepare import Example
 
 
-def to_dataset(examples: list[Example], family: Family, processor) -> datasets.Dataset:
+def to_dataset(examples: list[Example], family: Family, processor, model_config=None) -> datasets.Dataset:
+    """`model_config`: needed where the family's video positions depend on it (Qwen2.5-VL's tokens_per_second)."""
     table = datasets.Dataset.from_dict({
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
@@ -22,24 +24,26 @@ def to_dataset(examples: list[Example], family: Family, processor) -> datasets.D
         "grids": [[list(g) for g in e.grids] for e in examples],
         "source": [e.source for e in examples],
         "max_pixels": [e.max_pixels for e in examples],
+        "videos": [video.dumps(e.videos) for e in examples],
     })
-    return table.with_transform(VisionTransform(family, processor))
+    return table.with_transform(VisionTransform(family, processor, model_config))
 
 
 class VisionTransform:
     """Batch of stored rows -> model inputs per row (tensors; vision keys None for text-only rows)."""
 
-    def __init__(self, family: Family, processor):
+    def __init__(self, family: Family, processor, model_config=None):
         self.family = family
         self.processor = processor
+        self.model_config = model_config
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": []}
         vision_keys: set[str] = set()
         per_row_vision = []
-        for ids, labels, images, grids, source, max_pixels in zip(
+        for ids, labels, images, grids, source, max_pixels, videos in zip(
                 batch["input_ids"], batch["labels"], batch["images"], batch["grids"], batch["source"],
-                batch["max_pixels"], strict=True):
+                batch["max_pixels"], batch["videos"], strict=True):
             input_ids = torch.tensor(ids, dtype=torch.long)
             out["input_ids"].append(input_ids)
             out["labels"].append(torch.tensor(labels, dtype=torch.long))
@@ -54,13 +58,33 @@ class VisionTransform:
                     raise RuntimeError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
                                        "were planned; did an image file change after the data was prepared?")
                 vision_keys.update(vision)
+            clips = video.loads(videos)
+            if clips:
+                vision.update(self._videos(clips, source))
+                vision_keys.update(vision)
             if self.family.position_ids is not None:
-                vision["position_ids"] = self.family.position_ids(input_ids, grids, self.processor)
+                extra = {"videos": [(c.grid, self._time_step(c)) for c in clips]} if clips else {}
+                vision["position_ids"] = self.family.position_ids(input_ids, grids, self.processor, **extra)
             per_row_vision.append(vision)
         keys = vision_keys | ({"position_ids"} if self.family.position_ids is not None else set())
         for key in keys:
             out[key] = [v.get(key) for v in per_row_vision]
         return out
+
+    def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
+        """One sample's videos through the video processor, as the sampled frames planned."""
+        made = dict(self.processor.video_processor(videos=[video.load_frames(c) for c in clips], return_tensors="pt",
+                                                   **video.processor_kwargs(self.processor)))
+        grids = made.get(self.family.video_grid_key)
+        if grids is not None and grids.tolist() != [list(c.grid) for c in clips]:
+            raise RuntimeError(f"{source}: the video processor made grids {grids.tolist()} but "
+                               f"{[list(c.grid) for c in clips]} were planned; did a video file change after the "
+                               "data was prepared?")
+        return made
+
+    def _time_step(self, clip: video.VideoClip) -> float:
+        rule = self.family.video_time_step
+        return 1.0 if rule is None else rule(self.model_config, clip.seconds_per_grid)
 
     def _bounds(self, max_pixels: int | None) -> dict:
         """A sample shrunk to fit max_length is processed under its own, lower pixel bound."""

@@ -35,10 +35,11 @@ class Formatted:
 
 
 def template_messages(turns: list[Turn]) -> list[dict]:
-    """Typed-content messages as chat templates expect them (images as bare `{"type": "image"}` parts)."""
+    """Typed-content messages as chat templates expect them (images and videos as bare `{"type": ...}` parts)."""
     out = []
     for turn in turns:
-        content = [{"type": "image"} if p.type == "image" else {"type": "text", "text": p.text} for p in turn.parts]
+        content = [{"type": p.type} if p.type in ("image", "video") else {"type": "text", "text": p.text}
+                   for p in turn.parts]
         out.append({"role": turn.role, "content": content})
     return out
 
@@ -79,6 +80,7 @@ class Formatter:
         if family.image_token not in vocab:
             raise FormatError(f"the tokenizer has no image token {family.image_token!r} (family {family.name})")
         self.image_token_id = vocab[family.image_token]
+        self.video_token_id = vocab.get(family.video_token) if family.video_token else None
         self.end_of_turn = "".join(family.end_of_turn)
         self.eos_token = self.tokenizer.eos_token or ""
         if family.append_eos_after_reply and self.tokenizer.eos_token_id is None:
@@ -153,8 +155,11 @@ class Formatter:
         raise FormatError(f"{source}: message {index}: the chat template changes the assistant reply, "
                           "so its tokens cannot be found")
 
-    def __call__(self, conv: Conversation, image_token_counts: list[int]) -> Formatted:
-        """Token ids and labels; each image placeholder expanded to its number of image tokens."""
+    def __call__(self, conv: Conversation, image_token_counts: list[int],
+                 video_token_counts: list[int] = ()) -> Formatted:
+        """Token ids and labels; each image (video) placeholder expanded to its number of image (video) tokens."""
+        if conv.videos and self.video_token_id is None:
+            raise FormatError(f"{conv.source}: this model family ({self.family.name}) does not take video")
         pieces = self.pieces(conv)
         per_piece = self._tokenize_whole(pieces)
         if per_piece is None:
@@ -168,7 +173,7 @@ class Formatter:
             labels.extend(piece_ids if piece.supervised else [IGNORE_INDEX] * len(piece_ids))
         ids.extend(suffix)
         labels.extend(suffix if every else [IGNORE_INDEX] * len(suffix))
-        return self._expand_images(ids, labels, list(image_token_counts), conv.source)
+        return self._expand_images(ids, labels, list(image_token_counts), conv.source, list(video_token_counts))
 
     def _tokenize_whole(self, pieces: list[Piece]) -> list[list[int]] | None:
         """Each piece's ids from one tokenization of the whole text; None if a token straddles a label change."""
@@ -200,22 +205,25 @@ class Formatter:
             return ids[cut:]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _expand_images(self, ids, labels, counts, source) -> Formatted:
-        image_id = self.image_token_id
-        found = ids.count(image_id)
-        if found != len(counts):
-            raise FormatError(f"{source}: {found} image placeholders in the formatted text but {len(counts)} "
-                              "images (does a message's text contain the image token itself?)")
-        if not counts:
+    def _expand_images(self, ids, labels, counts, source, video_counts=()) -> Formatted:
+        """Each placeholder -> its run of tokens, never labels (under every masking strategy)."""
+        runs = {self.image_token_id: ("image", iter(counts), len(counts))}
+        if self.video_token_id is not None:
+            runs[self.video_token_id] = ("video", iter(video_counts), len(video_counts))
+        for tok, (kind, _, expected) in runs.items():
+            found = ids.count(tok)
+            if found != expected:
+                raise FormatError(f"{source}: {found} {kind} placeholders in the formatted text but {expected} "
+                                  f"{kind}s (does a message's text contain the {kind} token itself?)")
+        if not counts and not video_counts:
             return Formatted(ids, labels)
         out_ids: list[int] = []
         out_labels: list[int] = []
-        k = 0
         for tok, lab in zip(ids, labels, strict=True):
-            if tok == image_id:
-                out_ids.extend([image_id] * counts[k])
-                out_labels.extend([IGNORE_INDEX] * counts[k])
-                k += 1
+            if tok in runs:
+                n = next(runs[tok][1])
+                out_ids.extend([tok] * n)
+                out_labels.extend([IGNORE_INDEX] * n)
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)

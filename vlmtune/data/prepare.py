@@ -10,18 +10,20 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import families
 from ..families import Family
 from .conversation import Conversation
 from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
 from .images import ImageProblem, image_size
+from .video import VideoClip, VideoInfo, describe, frame_settings, probe, sample_indices, sampled_fps
 
 OVERLONG_POLICIES = ("drop", "error", "shrink_images")
 
 
 @dataclass
 class Example:
-    """One training sample: token ids and labels, plus what the image processor needs later."""
+    """One training sample: token ids and labels, plus what the image and video processors need later."""
 
     input_ids: list[int]
     labels: list[int]
@@ -29,6 +31,7 @@ class Example:
     grids: list[tuple[int, ...]]
     source: str
     max_pixels: int | None = None  # a per-sample pixel bound, set when images were shrunk to fit
+    videos: list[VideoClip] = field(default_factory=list)
 
     @property
     def num_supervised(self) -> int:
@@ -67,10 +70,15 @@ class PreparedData:
     def num_images(self) -> int:
         return sum(len(e.images) for e in self.examples)
 
+    @property
+    def num_videos(self) -> int:
+        return sum(len(e.videos) for e in self.examples)
+
     def summary(self) -> str:
         tokens = self.num_tokens
         frac = self.num_supervised / tokens if tokens else 0.0
-        lines = [f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, "
+        videos = f"{self.num_videos} videos, " if self.num_videos else ""
+        lines = [f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, {videos}"
                  f"{tokens} tokens ({frac:.1%} supervised)"]
         if self.shrunk:
             lines.append(f"{self.shrunk} rows had their images shrunk to fit data.max_length")
@@ -129,20 +137,25 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
             return RowResult(index, problem=_problem(conv, str(sizes[ref])))
         dims.append(sizes[ref])
     try:
-        example = _format(conv, formatter, family, dims, formatter.processor)
-    except (FormatError, ValueError) as e:
+        clips = video_clips(family, formatter.processor, conv.videos, sizes)
+        example = format_example(conv, formatter, family, dims, formatter.processor, clips=clips)
+    except (FormatError, ValueError) as e:  # ImageProblem and VideoProblem are ValueErrors
         return RowResult(index, problem=_problem(conv, str(e).removeprefix(f"{conv.source}: ")))
-    fingerprint = hashlib.sha1(repr((example.input_ids, example.labels, conv.images)).encode()).hexdigest()
+    fingerprint = hashlib.sha1(repr((example.input_ids, example.labels, conv.images, conv.videos)).encode()).hexdigest()
     if example.num_supervised == 0:
         return RowResult(index, problem=_problem(conv, "no token is supervised (every reply has train: false?)"))
     if len(example.input_ids) > max_length and on_overlong == "shrink_images" and dims:
-        example = _shrink(conv, formatter, family, dims, max_length, example) or example
+        example = _shrink(conv, formatter, family, dims, max_length, example, clips) or example
     if len(example.input_ids) > max_length:
         n_img = sum(1 for x in example.input_ids if x == formatter.image_token_id)
         hint = ("raise max_length or shorten the sample" if on_overlong == "shrink_images"
                 else "raise max_length, lower data.max_pixels, set data.on_overlong=shrink_images, "
                      "or shorten the sample")
-        problem = _problem(conv, f"{len(example.input_ids)} tokens ({n_img} image tokens) do not fit "
+        n_vid = sum(c.tokens for c in example.videos)
+        if n_vid:  # video tokens are never cut or shrunk: fewer or smaller frames make them fit
+            hint += ", or lower data.video_max_frames / data.video_max_pixels"
+        kinds = f"{n_img} image tokens" + (f", {n_vid} video tokens" if n_vid else "")
+        problem = _problem(conv, f"{len(example.input_ids)} tokens ({kinds}) do not fit "
                                  f"data.max_length={max_length}; {hint}")
         return RowResult(index, example=example, problem=problem, dropped=on_overlong != "error")
     return RowResult(index, example=example, fingerprint=fingerprint)
@@ -163,15 +176,48 @@ def image_tokens(family: Family, processor, refs: list[str], dims) -> tuple[list
     return counts, grids
 
 
-def _format(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
-            max_pixels: int | None = None) -> Example:
+def video_clips(family: Family, processor, refs: list, cache: dict) -> list[VideoClip]:
+    """Each video of one sample planned: frames sampled under the processor's video settings, tokens, grid.
+
+    `cache` keeps each video's headers (or its problem) across rows; raises ValueError for a bad video."""
+    if not refs:
+        return []
+    if family.video_layout is None:
+        takers = ", ".join(f.name for f in families.all_families() if f.video_layout is not None)
+        raise ValueError(f"this model family ({family.name}) does not take video; remove the video parts"
+                         + (f" or use a family that does ({takers})" if takers else ""))
+    fps, max_frames, multiple = frame_settings(processor)
+    clips = []
+    for ref in refs:
+        key = ("video", ref)
+        if key not in cache:
+            try:
+                cache[key] = probe(ref)
+            except ImageProblem as e:  # VideoProblem included
+                cache[key] = e
+        info: VideoInfo | ImageProblem = cache[key]
+        if isinstance(info, ImageProblem):
+            raise info
+        indices = sample_indices(info.frames, info.fps, fps, max_frames, multiple)
+        try:
+            tokens, grid = family.video_layout(processor, len(indices), info.height, info.width)
+        except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
+            raise ValueError(f"{describe(ref)} ({info.width}x{info.height}) cannot be processed: {e}") from None
+        seconds = multiple / sampled_fps(info, indices, fps)
+        clips.append(VideoClip(ref, tuple(indices), tuple(grid), tokens, seconds))
+    return clips
+
+
+def format_example(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
+                   max_pixels: int | None = None, clips: list[VideoClip] = ()) -> Example:
+    """One conversation as training formats it, given each image's (width, height)."""
     counts, grids = image_tokens(family, processor, conv.images, dims)
-    formatted = formatter(conv, counts)
-    return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source, max_pixels)
+    formatted = formatter(conv, counts, [c.tokens for c in clips])
+    return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source, max_pixels, list(clips))
 
 
 def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_length: int,
-            full: Example) -> Example | None:
+            full: Example, clips: list[VideoClip] = ()) -> Example | None:
     """The example under the largest pixel bound (>= min_pixels) that fits max_length, or None."""
     size = formatter.processor.image_processor.size
     top, floor = size.get("longest_edge"), size.get("shortest_edge")
@@ -193,7 +239,7 @@ def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_
             hi = mid - 1
     if best is None:
         return None
-    return _format(conv, formatter, family, dims, _with_max_pixels(formatter.processor, best), best)
+    return format_example(conv, formatter, family, dims, _with_max_pixels(formatter.processor, best), best, clips)
 
 
 def _with_max_pixels(processor, max_pixels: int):

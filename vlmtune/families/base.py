@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 # (processor, height, width) -> (image tokens, vision grid) for an image of that size.
 LayoutFn = Callable[[object, int, int], tuple[int, tuple[int, ...]]]
-# (input_ids, image grids, processor) -> position ids (rows, seq_len) for one unpadded sequence.
-PositionFn = Callable[[torch.Tensor, Sequence[Sequence[int]], object], torch.Tensor]
+# (input_ids, image grids, processor[, videos=((grid, temporal step), ...)]) -> position ids (rows, seq_len)
+# for one unpadded sequence; `videos` is passed only when the sequence has videos.
+PositionFn = Callable[..., torch.Tensor]
+# (processor, frames, height, width) -> (video tokens, (t, h, w) grid) for a video of that many frames and size.
+VideoLayoutFn = Callable[[object, int, int, int], tuple[int, tuple[int, ...]]]
+# (model config, seconds one temporal patch covers) -> temporal position step per temporal patch.
+VideoTimeFn = Callable[[object, float], float]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ class Family:
     multi_image_tokens: Callable[[object], int] | None = None
     # data.min_pixels / max_pixels apply: the image processor sizes images by pixel count (Qwen2-VL).
     pixel_bounds: bool = True
+    # Video: the placeholder token and the token layout (None: this family does not take video), the key of the
+    # video processor's output that must equal the planned grids, and the temporal position rule (None: one
+    # position per temporal patch).
+    video_token: str | None = None
+    video_layout: VideoLayoutFn | None = None
+    video_grid_key: str = "video_grid_thw"
+    video_time_step: VideoTimeFn | None = None
     extra: dict = field(default_factory=dict)
 
     def component_of(self, param_name: str) -> str:

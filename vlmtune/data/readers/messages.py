@@ -2,7 +2,8 @@
 
 An image part names its image (`"image"`, `"path"` or `"image_url"`), or leaves it out and takes one from
 the row's `"images"` list: by `"index"` when given, else the next in order (the layout of many Hugging
-Face datasets).
+Face datasets). A video part names a video file (`{"type": "video", "video": "clip.mp4"}`) or a list of
+frame images (`"video": ["f0.jpg", "f1.jpg", ...]`), resolved like image paths.
 """
 
 from __future__ import annotations
@@ -72,7 +73,28 @@ def _parts(content: object, i: int, resolve: Resolve, pool: _Pool) -> list[Part]
                 parts.append(Part(type="image", image=resolve(ref)))
             except ImageProblem as e:
                 raise RowError(f"message {i} part {j}: {e}") from None
+        elif kind == "video":
+            parts.append(Part(type="video", video=_video(part.get("video"), resolve, f"message {i} part {j}")))
         else:
             raise RowError(f"message {i} part {j}: unknown content part {part!r}; expected "
-                           '{"type": "text", "text": ...} or {"type": "image", "image": "path.png"}')
+                           '{"type": "text", "text": ...}, {"type": "image", "image": "path.png"} or '
+                           '{"type": "video", "video": "clip.mp4" | ["frame0.jpg", ...]}')
     return parts
+
+
+def _video(ref: object, resolve: Resolve, where: str) -> str | tuple[str, ...]:
+    """A video file as a local path, or a list of frame images as a tuple of paths."""
+    if isinstance(ref, list):
+        if not ref:
+            raise RowError(f"{where}: a video given as frames needs at least one frame")
+        try:
+            return tuple(resolve(f) for f in ref)
+        except ImageProblem as e:
+            raise RowError(f"{where}: video frame: {e}") from None
+    if not isinstance(ref, str) or not ref.strip() or ref.startswith(("data:", "http://", "https://")):
+        raise RowError(f'{where}: "video" must be a local video file path or a list of frame images, got {ref!r}'
+                       [:300])
+    try:
+        return resolve(ref)
+    except ImageProblem as e:
+        raise RowError(f"{where}: {e}") from None

@@ -1,0 +1,105 @@
+"""`vlmtune` CLI with probes, for the multi-process tests (tests/test_deepspeed.py).
+
+    python tests/ds_worker.py sft recipe.yaml distributed.num_processes=2 ...
+
+Run outside a launcher it goes through `vlmtune sft`'s own re-launch (torchrun re-runs this script in each
+process). In each process it records, under $VLMTUNE_PROBE_DIR:
+- rank<N>.json: the data rows this rank fetched (per fetch), per forward whether the batch had images, how often the
+  dummy image ran, and the world size;
+- logits.pt (rank 0): logits of the in-training model on fixed token ids, computed by every rank
+  together right before the adapter is gathered and saved.
+Probe options (environment): VLMTUNE_PROBE_SEQUENTIAL=1 feeds rows in file order (so the test data decides
+which rank gets a text-only batch); VLMTUNE_PROBE_NO_DUMMY=1 leaves the dummy image out (shows the trap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+PROBE_IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
+
+
+def install_probes(probe_dir: Path) -> None:
+    from vlmtune import distributed, training
+    from vlmtune.data import dataset
+
+    record = {"sources": [], "forwards": [], "dummy_calls": 0}
+    rank = int(os.environ.get("RANK", "0"))
+    hooks = {}
+
+    original_transform = dataset.VisionTransform.__call__
+
+    def transform(self, batch):
+        record["sources"].append(list(batch["source"]))  # one entry per fetch
+        return original_transform(self, batch)
+
+    dataset.VisionTransform.__call__ = transform
+
+    original_keep = distributed.keep_vision_in_step
+
+    def keep(model, family, processor):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def seen(module, args, kwargs):
+            if module.training:
+                record["forwards"].append(kwargs.get("pixel_values") is not None)
+
+        base.register_forward_pre_hook(seen, with_kwargs=True)
+        if os.environ.get("VLMTUNE_PROBE_NO_DUMMY") == "1":
+            return None
+        hooks["vision"] = original_keep(model, family, processor)
+        return hooks["vision"]
+
+    distributed.keep_vision_in_step = keep
+
+    if os.environ.get("VLMTUNE_PROBE_SEQUENTIAL") == "1":
+        original_config = training.sft_config
+
+        def sft_config(*args, **kwargs):
+            config = original_config(*args, **kwargs)
+            config.train_sampling_strategy = "sequential"
+            return config
+
+        training.sft_config = sft_config
+
+    original_gather = distributed.gathered_adapter_state
+
+    def gather(model):
+        model.eval()
+        with torch.no_grad():
+            ids = torch.tensor(PROBE_IDS)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
+        if rank == 0:
+            torch.save(logits, probe_dir / "logits.pt")
+        record["dummy_calls"] = hooks["vision"].calls if hooks.get("vision") else 0
+        record["world_size"] = distributed.world_size()
+        record["zero3"] = distributed.zero3_enabled()
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import deepspeed_config
+
+        record["distributed_type"] = str(AcceleratorState().distributed_type)
+        record["ds_config"] = deepspeed_config()
+        (probe_dir / f"rank{rank}.json").write_text(json.dumps(record))
+        return original_gather(model)
+
+    distributed.gathered_adapter_state = gather
+
+
+def main() -> int:
+    from vlmtune import cli, distributed
+
+    probe = os.environ.get("VLMTUNE_PROBE_DIR")
+    if probe and distributed.under_launcher():
+        Path(probe).mkdir(parents=True, exist_ok=True)
+        install_probes(Path(probe))
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""DeepSpeed ZeRO: shipped configs (autos filled as the HF integration does, validated by DeepSpeed's own
+config class), refused combinations, and real 2-process CPU runs (torchrun, gloo, DeepSpeed's CPU
+accelerator) of ZeRO-2 and ZeRO-3 with a text-only batch on one rank while the other has images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune import deepspeed_config as dsc
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "data_templates" / "shapes"
+SHIPPED = ROOT / "recipes" / "deepspeed"
+
+pytest.importorskip("deepspeed")
+
+
+def recipe(**overrides):
+    base = {"model.name_or_path": "builtin:tiny-qwen2-vl", "data.train": str(SHAPES / "train.jsonl"),
+            "data.image_root": str(SHAPES)}
+    base.update(overrides)
+    return vlmtune.load_recipe(None, overrides=base)
+
+
+def problems(**overrides) -> list[str]:
+    with pytest.raises(vlmtune.RecipeError) as e:
+        recipe(**overrides)
+    return [str(x) for x in e.value.errors]
+
+
+# ------------------------------------------------------------------ shipped configs
+def test_shipped_json_files_are_the_presets():
+    assert sorted(p.stem for p in SHIPPED.glob("*.json")) == sorted(dsc.PRESET_NAMES) == \
+        ["zero2", "zero3", "zero3_offload"]
+    for name in dsc.PRESET_NAMES:
+        assert json.loads((SHIPPED / f"{name}.json").read_text()) == dsc.PRESETS[name], name
+    assert dsc.zero_stage(dsc.load("zero2")) == 2 and dsc.zero_stage(dsc.load("zero3")) == 3
+    assert dsc.offloads(dsc.load("zero3_offload")) == {"optimizer": True, "param": True}
+    assert dsc.offloads(dsc.load("zero3")) == {"optimizer": False, "param": False}
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("world", [1, 2, 16])
+def test_every_shipped_config_validates_against_deepspeeds_config_class(name, world):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = json.loads((SHIPPED / f"{name}.json").read_text())
+    values = dsc.auto_values(world_size=world, micro_batch=2, grad_accum=4, max_grad_norm=1.0, bf16=True,
+                             fp16=False, learning_rate=2e-4, weight_decay=0.0, hidden_size=1536)
+    filled = dsc.fill_autos(raw, values)
+    assert dsc.remaining_autos(filled) == []
+    assert dsc.validate(filled, world_size=world) == []
+    if world == 1:  # outside a process group DeepSpeed itself assumes one process: the plain class, unchanged
+        ds = DeepSpeedConfig(filled)
+        assert ds.zero_optimization_stage == dsc.zero_stage(raw)
+        assert ds.train_batch_size == 8 and ds.train_micro_batch_size_per_gpu == 2
+        assert ds.gradient_accumulation_steps == 4 and ds.gradient_clipping == 1.0
+        assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
+        assert ds.zero_config.offload_param is not None if name == "zero3_offload" else True
+    # DeepSpeed itself rejects what it does not accept: a wrong batch identity, an unknown ZeRO key
+    bad = dict(filled, train_batch_size=filled["train_batch_size"] + 1)
+    assert "train_batch_size" in " ".join(dsc.validate(bad, world_size=world))
+    typo = json.loads(json.dumps(filled))
+    typo["zero_optimization"]["stage3_prefetch_bucket_sise"] = 1
+    assert dsc.validate(typo, world_size=world) and "DeepSpeed rejects" in dsc.validate(typo, world_size=world)[0]
+
+
+def _hf_fill(config: dict, *, world, micro, accum, clip, lr, wd, bf16, fp16, hidden, steps):
+    """The HF integration's own filling (transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig)."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    args = SimpleNamespace(world_size=world, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+                           max_grad_norm=clip, learning_rate=lr, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                           weight_decay=wd, save_on_each_node=False, fp16=fp16, fp16_full_eval=False, bf16=bf16,
+                           bf16_full_eval=False, get_warmup_steps=lambda n: 0)
+    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
+    try:
+        hf.trainer_config_process(args)
+        model = SimpleNamespace(config=SimpleNamespace(hidden_size=hidden))
+        hf.trainer_config_finalize(args, model, steps)
+        return hf.config
+    finally:
+        unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_autos_are_filled_as_the_hf_integration_fills_them(name, precision):
+    kw = dict(world=4, micro=3, accum=5, clip=0.7, lr=3e-4, wd=0.01, hidden=96)
+    ours = dsc.fill_autos(dsc.load(name), dsc.auto_values(
+        world_size=kw["world"], micro_batch=kw["micro"], grad_accum=kw["accum"], max_grad_norm=kw["clip"],
+        bf16=precision == "bf16", fp16=precision == "fp16", learning_rate=kw["lr"], weight_decay=kw["wd"],
+        hidden_size=kw["hidden"]))
+    theirs = _hf_fill(dsc.load(name), bf16=precision == "bf16", fp16=precision == "fp16", steps=10, **kw)
+    assert ours == theirs
+    assert ours["train_batch_size"] == 4 * 3 * 5 and ours["train_micro_batch_size_per_gpu"] == 3
+    assert ours["gradient_accumulation_steps"] == 5 and ours["gradient_clipping"] == 0.7
+    assert ours["bf16"]["enabled"] is (precision == "bf16") and ours["fp16"]["enabled"] is (precision == "fp16")
+    assert ours["zero_optimization"]["reduce_bucket_size"] == 96 * 96
+
+
+def test_optimizer_and_scheduler_autos_in_a_user_config(tmp_path):
+    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                        "weight_decay": "auto"}},
+              "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                                "warmup_num_steps": "auto", "total_num_steps": "auto"}}}
+    values = dsc.auto_values(world_size=2, micro_batch=1, grad_accum=2, max_grad_norm=1.0, bf16=False, fp16=False,
+                             learning_rate=1e-3, weight_decay=0.1)
+    filled = dsc.fill_autos(config, values)
+    assert filled["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}
+    assert filled["scheduler"]["params"]["warmup_max_lr"] == 1e-3 and filled["scheduler"]["params"]["warmup_min_lr"] == 0
+    # the step counts are the Trainer's to fill: left as auto, and accepted as such
+    assert sorted(dsc.remaining_autos(filled)) == sorted(dsc.TRAINER_FILLED)
+    assert dsc.validate(filled, world_size=2) == []
+    assert dsc.validate(filled, world_size=2, allow_trainer_filled=False)[0].startswith("`auto` left unfilled")
+    # an explicit value that contradicts the recipe is reported, as the Trainer would refuse it
+    explicit = dict(config, train_micro_batch_size_per_gpu=4)
+    assert "train_micro_batch_size_per_gpu is 4" in dsc.mismatches(explicit, values)[0]
+
+
+# ------------------------------------------------------------------ refused combinations (recipe validation)
+def test_unsupported_combinations_are_refused_with_every_problem_at_once():
+    found = problems(**{"quantization.mode": "8bit", "distributed.deepspeed": "zero3"})
+    assert any("quantization.mode: 8-bit" in p and "ZeRO-3" in p for p in found)
+    found = problems(**{"quantization.mode": "4bit", "distributed.deepspeed": "zero3_offload",
+                        "distributed.num_processes": 0})
+    assert any("parameter offload is not supported" in p for p in found)
+    assert any(p.startswith("distributed.num_processes") for p in found)
+    found = problems(**{"distributed.deepspeed": "zer03"})
+    assert any("did you mean 'zero3'" in p for p in found)
+    found = problems(**{"distributed.deepspeed": "missing.json"})
+    assert any("DeepSpeed config file not found: missing.json" in p for p in found)
+    found = problems(**{"distributed.hostfile": "no-such-hostfile", "distributed.launcher": "torchrun"})
+    assert any("hostfile: file not found" in p for p in found) and any("deepspeed launcher" in p for p in found)
+    found = problems(**{"distributed.num_nodes": 2, "distributed.node_rank": 2})
+    assert any(p.startswith("distributed.node_rank: must be in [0, num_nodes=2)") for p in found)
+    found = problems(**{"distributed.launcher": "deepspeed"})
+    assert any("distributed.launcher: deepspeed needs distributed.deepspeed" in p for p in found)
+    # what works is accepted: QLoRA with ZeRO-2 and ZeRO-3, 8-bit with ZeRO-2, LoRA with offload
+    for ok in ({"quantization.mode": "4bit", "distributed.deepspeed": "zero2"},
+               {"quantization.mode": "4bit", "distributed.deepspeed": "zero3"},
+               {"quantization.mode": "8bit", "distributed.deepspeed": "zero2"},
+               {"distributed.deepspeed": "zero3_offload"},
+               {"distributed.deepspeed": str(SHIPPED / "zero3.json")}):
+        recipe(**ok)
+
+
+def test_a_config_file_next_to_the_recipe_is_found(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps(dsc.PRESETS["zero2"]))
+    (tmp_path / "r.yaml").write_text(f"model: {{name_or_path: builtin:tiny-qwen2-vl}}\n"
+                                     f"data: {{train: {SHAPES / 'train.jsonl'}}}\ndistributed: {{deepspeed: ds.json}}\n")
+    r = vlmtune.load_recipe(tmp_path / "r.yaml")
+    assert r.distributed.deepspeed == str(tmp_path / "ds.json")
+
+
+def test_model_level_refusals(monkeypatch):
+    from vlmtune.distributed import check_distributed
+    from vlmtune.families import get
+
+    family = get("qwen2_vl")
+    cfg = SimpleNamespace(model_type="qwen2_vl", quantization_config={"quant_method": "awq"},
+                          text_config=SimpleNamespace(hidden_size=64))
+    errs = [str(e) for e in check_distributed(recipe(**{"distributed.deepspeed": "zero3"}), cfg, family)]
+    assert any("pre-quantized checkpoint (awq)" in e for e in errs)
+    assert check_distributed(recipe(**{"distributed.deepspeed": "zero2"}), cfg, family) == []
+    plain = SimpleNamespace(model_type="qwen2_vl", text_config=SimpleNamespace(hidden_size=64))
+    r = recipe(**{"distributed.deepspeed": "zero3", "quantization.mode": "4bit",
+                  "quantization.compute_dtype": "bfloat16"})  # on a CPU the model runs in float32
+    errs = [str(e) for e in check_distributed(r, plain, family)]
+    assert any(e.startswith("quantization.compute_dtype: must equal the model dtype (float32)") for e in errs)
+    r = recipe(**{"distributed.deepspeed": "zero3", "quantization.mode": "4bit",
+                  "quantization.compute_dtype": "float32"})
+    assert check_distributed(r, plain, family) == []
+
+
+def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype():
+    from vlmtune.families import get
+    from vlmtune.modeling import quantization_config
+
+    family = get("qwen2_vl")
+    q3 = quantization_config(recipe(**{"quantization.mode": "4bit", "distributed.deepspeed": "zero3",
+                                       "quantization.compute_dtype": "float32"}), family)
+    assert q3.bnb_4bit_quant_storage == torch.float32
+    q2 = quantization_config(recipe(**{"quantization.mode": "4bit", "distributed.deepspeed": "zero2"}), family)
+    assert q2.bnb_4bit_quant_storage == torch.uint8  # ZeRO-2 does not partition weights: bitsandbytes' default
+
+
+# ------------------------------------------------------------------ 2 processes on the CPU
+TEXT_ONLY = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a shape."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}]}
+# rows in file order; with 2 ranks, 2 rows a batch and sequential sampling, step k gives rows 4k..4k+1 to
+# rank 0 and 4k+2..4k+3 to rank 1: step 1 images | text-only, step 2 mixed | mixed, step 3 text-only | images
+PATTERN = "IITTITTITTII"
+PROBE_IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
+
+
+@pytest.fixture(scope="module")
+def mp_data(tmp_path_factory):
+    rows = iter((SHAPES / "train.jsonl").read_text().splitlines())
+    lines = [next(rows) if c == "I" else json.dumps(TEXT_ONLY) for c in PATTERN]
+    path = tmp_path_factory.mktemp("mp") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shm_op_built():
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory op on first use; two ranks building it at once race."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+
+
+def run_worker(tmp_path, data, *overrides, env_extra=None, timeout=240):
+    from vlmtune.demo import builtin_model_path
+
+    builtin_model_path("tiny-qwen2-vl")  # built once here, not by two ranks at once
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    (tmp_path / "recipe.yaml").write_text(
+        "model: {name_or_path: 'builtin:tiny-qwen2-vl'}\n"
+        f"data: {{train: '{data}', image_root: '{SHAPES}', max_pixels: 12544, num_workers: 0}}\n"
+        "lora: {dropout: 0.0}\n"
+        "train: {max_steps: 3, per_device_train_batch_size: 2, gradient_accumulation_steps: 1, "
+        "learning_rate: 0.01, logging_steps: 1, save_steps: 1000, use_cpu: true}\n"
+        f"output_dir: '{out}'\n")
+    env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", **(env_extra or {}))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), "sft", str(tmp_path / "recipe.yaml"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
+    return proc, out, probe, ranks
+
+
+def assert_adapter_reloads_with_training_logits(out: Path, probe: Path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert any("lora_B" in k and t.abs().max() > 0 for k, t in weights.items())  # trained, not the zero init
+    shapes = {k: tuple(t.shape) for k, t in weights.items()}
+    assert shapes["base_model.model.model.language_model.layers.0.mlp.down_proj.lora_A.weight"] == (16, 128)
+    from vlmtune.modeling import resolve_model_path
+
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path("builtin:tiny-qwen2-vl"))
+    ids = torch.tensor(PROBE_IDS)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, out).eval()
+        after = tuned(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    in_training = torch.load(probe / "logits.pt")
+    torch.testing.assert_close(after, in_training, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, in_training)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_cpu_processes_train_with_text_only_batch_on_one_rank(stage, mp_data, shm_op_built, tmp_path):
+    proc, out, probe, ranks = run_worker(tmp_path, mp_data, f"distributed.deepspeed={stage}",
+                                         "distributed.num_processes=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # vlmtune sft re-launched itself under torchrun; rank 0 alone reported and wrote
+    assert "launching: " in proc.stderr and "torch.distributed.run" in proc.stderr
+    assert proc.stdout.count("done: 3 steps") == 1 and proc.stdout.count("saved adapter") == 1
+    assert proc.stdout.count("train data: ") == 1
+    assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["distributed_type"] == "DistributedType.DEEPSPEED" for r in ranks)
+    assert all(r["ds_config"]["zero_optimization"]["stage"] == int(stage[-1]) for r in ranks)
+    assert all(r["zero3"] == (stage == "zero3") for r in ranks)
+    assert ranks[0]["ds_config"]["train_batch_size"] == 4 and ranks[0]["ds_config"]["gradient_clipping"] == 1.0
+    # each rank trained on its own shard (fetches of one row are the Trainer's look at row 0)
+    shards = [{s for batch in r["sources"] if len(batch) == 2 for s in batch} for r in ranks]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == len(PATTERN)
+    # one step had images on rank 0 and none on rank 1, one the reverse; the text-only rank ran the dummy image
+    forwards = [r["forwards"] for r in ranks]
+    assert forwards == [[True, True, False], [False, True, True]]
+    assert all(r["dummy_calls"] >= 1 for r in ranks)
+    meta = json.loads((out / "vlmtune.json").read_text())
+    assert meta["distributed"] == {"deepspeed": stage, "world_size": 2}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert_adapter_reloads_with_training_logits(out, probe)
+
+
+@pytest.mark.slow
+def test_zero3_without_the_dummy_image_breaks(mp_data, shm_op_built, tmp_path):
+    """The trap is real: leave the dummy vision forward out and the ranks' collectives no longer match
+    (gloo reports the mismatch; NCCL on GPUs hangs until its timeout)."""
+    proc, out, _, _ = run_worker(tmp_path, mp_data, "distributed.deepspeed=zero3", "distributed.num_processes=2",
+                                 env_extra={"VLMTUNE_PROBE_NO_DUMMY": "1"}, timeout=180)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "collective mismatch" in log or "disagreement on list length" in log or "Connection" in log, log[-4000:]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_one_process_with_deepspeed_needs_no_launcher(mp_data, tmp_path):
+    """A single process: vlmtune sets up the one-member process group DeepSpeed needs (RANK, MASTER_ADDR...)."""
+    proc, out, _, _ = run_worker(tmp_path, mp_data, "distributed.deepspeed=zero3_offload", "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "launching: " not in proc.stderr and proc.stdout.count("done: 1 steps") == 1
+    weights = (out / "adapter_model.safetensors")
+    assert weights.stat().st_size > 10_000
