@@ -307,9 +307,14 @@ def test_zero3_without_the_dummy_image_breaks(mp_data, shm_op_built, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_with_deepspeed_needs_no_launcher(mp_data, tmp_path):
-    """A single process: vlmtune sets up the one-member process group DeepSpeed needs (RANK, MASTER_ADDR...)."""
-    proc, out, _, _ = run_worker(tmp_path, mp_data, "distributed.deepspeed=zero3_offload", "train.max_steps=1")
+@pytest.mark.parametrize("ds,quant", [("zero3_offload", "none"), ("zero3", "4bit")])
+def test_one_process_with_deepspeed_needs_no_launcher(ds, quant, mp_data, shm_op_built, tmp_path):
+    """A single process: vlmtune sets up the one-member process group DeepSpeed needs (RANK, MASTER_ADDR...).
+    QLoRA + ZeRO-3 loads without a device_map (transformers refuses one under ZeRO-3)."""
+    if quant != "none":
+        pytest.importorskip("bitsandbytes")
+    proc, out, _, _ = run_worker(tmp_path, mp_data, f"distributed.deepspeed={ds}", "train.max_steps=1",
+                                 f"quantization.mode={quant}", "quantization.compute_dtype=float32")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "launching: " not in proc.stderr and proc.stdout.count("done: 1 steps") == 1
     weights = (out / "adapter_model.safetensors")

@@ -196,7 +196,9 @@ def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
         kwargs["quantization_config"] = quant
         from .distributed import zero3_enabled
 
-        if not zero3_enabled():  # under ZeRO-3 zero.Init places the weights; a device_map is refused
+        # each process its own GPU (a launcher sets LOCAL_RANK). Under ZeRO-3 transformers refuses a device_map;
+        # it loads quantized weights without zero.Init (on the current GPU) and DeepSpeed partitions them later
+        if not zero3_enabled():
             local = int(os.environ.get("LOCAL_RANK", "-1"))
             device = (local if local >= 0 else torch.cuda.current_device()) if runtime.device == "cuda" else "cpu"
             kwargs["device_map"] = {"": device}
