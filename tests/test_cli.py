@@ -187,3 +187,24 @@ def test_inspect_marks_dropped_samples(workspace, capsys):
     code, out, _ = run(capsys, "inspect", recipe(workspace, data__max_length=20), "--json", "--num", "1")
     sample = json.loads(out.splitlines()[0])
     assert sample["dropped"] and "do not fit" in sample["problem"]
+
+
+def test_validate_reports_every_bad_case_of_a_broken_corpus(workspace, capsys):
+    """One file holding each bad case: validate names every one by row, and exits non-zero."""
+    (workspace / "broken.png").write_bytes(b"\x89PNG not really")
+    long_row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "images/train_0001.png"},
+                                                          {"type": "text", "text": "word " * 400}]},
+                             {"role": "assistant", "content": "x"}]}
+    mismatch = {"messages": [{"role": "user", "content": [{"type": "text", "text": "<|image_pad|> what?"}]},
+                             {"role": "assistant", "content": "x"}]}
+    rows = [GOOD_ROW] + [row for row, _ in BAD_ROWS] + [long_row, mismatch, GOOD_ROW]
+    write_jsonl(workspace / "train.jsonl", rows)
+    code, out, _ = run(capsys, "validate", recipe(workspace, data__max_length=300, data__on_overlong="error"))
+    assert code == 2
+    for k, (_, expected) in enumerate(BAD_ROWS, start=2):
+        assert expected.replace("train.jsonl:2", f"train.jsonl:{k}") in out, expected
+    n = len(BAD_ROWS)
+    assert f"train.jsonl:{n + 2}: " in out and "do not fit data.max_length=300" in out
+    assert f"train.jsonl:{n + 3}: " in out and "image placeholders" in out
+    assert f"train.jsonl:{n + 4}: duplicate of row 1" in out
+    assert f"{n + 2} problems would stop training" in out
