@@ -146,3 +146,20 @@ def test_cli_exits_130_on_ctrl_c(monkeypatch, capsys):
     monkeypatch.setattr(training, "train", interrupted)
     assert cli.main(["sft", str(ROOT / "recipes" / "tiny-demo.yaml")]) == 130
     assert "nothing was written" in capsys.readouterr().err
+
+
+def test_group_by_length_batches_similar_lengths(tmp_path):
+    recipe = recipe_for("qwen2_vl", SHAPES / "train.jsonl", tmp_path, **{"train.group_by_length": True,
+                                                            "train.per_device_train_batch_size": 4})
+    plan = vlmtune.plan(recipe)
+    trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
+    lengths = [len(e.input_ids) for e in plan.train.examples]
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(lengths)))
+
+    def padding(indices):
+        batches = [indices[i:i + 4] for i in range(0, len(indices), 4)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    assert padding(order) < padding(list(range(len(lengths))))
+    trainer.train()  # the sampler drives a real run

@@ -96,8 +96,6 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
-    from trl import SFTTrainer
-
     from .distributed import keep_vision_in_step, world_size, zero3_enabled
 
     recipe = plan.recipe
@@ -115,12 +113,35 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     if sum(t for t, _ in report.values()) == 0:
         raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
     tokenizer = plan.processor.tokenizer
-    collator = VisionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
+    collator = VisionCollator(pad_id, pad_to_multiple_of=8 if plan.runtime.device == "cuda" else None)
     train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config)
     eval_ds = to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config) if plan.eval else None
-    trainer = SFTTrainer(model=model, args=args, data_collator=collator,
-                         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=plan.processor)
+    lengths = [len(e.input_ids) for e in plan.train.examples] if recipe.train.group_by_length else None
+    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
+                               eval_dataset=eval_ds, processing_class=plan.processor, lengths=lengths)
     return trainer, report
+
+
+def _trainer_class():
+    """SFTTrainer that can group batches by the lengths known from preparation (no pass over the images)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+
+    class VisionSFTTrainer(SFTTrainer):
+        def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
+            self._lengths = lengths
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self._lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            generator = torch.Generator().manual_seed(self.args.seed)
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=self._lengths, generator=generator)
+
+    return VisionSFTTrainer
 
 
 def metadata(plan: Plan) -> dict:
