@@ -55,10 +55,21 @@ class Inspection:
                 return "video"
             return "train" if lab != IGNORE_INDEX else "prompt"
 
+        start = 0
         for k, group in itertools.groupby(zip(s.input_ids, s.labels, strict=True), key=kind):
-            ids = [t for t, _ in group]
-            text = f"<{k} ×{len(ids)}>" if k in ("image", "video") else self.tokenizer.decode(ids)
-            yield ("image" if k == "video" else k), text
+            n = sum(1 for _ in group)
+            if k in ("image", "video"):
+                yield "image", f"<{k} ×{n}>"
+            else:
+                yield k, self._text_of(s.input_ids, start, start + n)
+            start += n
+
+    def _text_of(self, ids: list[int], start: int, end: int) -> str:
+        """Text of ids[start:end] in context: decoded alone, SentencePiece drops a run's leading space."""
+        context = max(0, start - 8)
+        before = self.tokenizer.decode(ids[context:start])
+        whole = self.tokenizer.decode(ids[context:end])
+        return whole[len(before):] if whole.startswith(before) else self.tokenizer.decode(ids[start:end])
 
     def stats(self, s: SampleView) -> str:
         state = "DROPPED: " + (s.problem or "") if s.dropped else (s.problem or "kept")
