@@ -6,6 +6,7 @@ import argparse
 import sys
 import traceback
 
+from . import __version__
 from .config import RecipeError, load_recipe
 from .errors import VlmtuneError
 
@@ -113,6 +114,7 @@ def _add_merge_and_predict(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmtune", description="LoRA/QLoRA fine-tuning of vision-language models")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("sft", cmd_sft, "train a LoRA adapter from a recipe"),
