@@ -163,3 +163,29 @@ def test_group_by_length_batches_similar_lengths(tmp_path):
 
     assert padding(order) < padding(list(range(len(lengths))))
     trainer.train()  # the sampler drives a real run
+
+
+def test_resume_from_the_latest_checkpoint_continues_the_same_run(small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    common = {"train.max_steps": 4, "train.save_steps": 2, "train.per_device_train_batch_size": 4,
+              "train.lr_scheduler_type": "constant", "train.warmup_ratio": 0.0}
+    straight = recipe_for("qwen2_vl", small_data, tmp_path / "a", **common)
+    vlmtune.train(straight, log=lambda *_: None)
+    # the same run, stopped after step 2 (its checkpoint-2), then resumed to step 4
+    interrupted = recipe_for("qwen2_vl", small_data, tmp_path / "b", **{**common, "train.max_steps": 2})
+    vlmtune.train(interrupted, log=lambda *_: None)
+    resumed = recipe_for("qwen2_vl", small_data, tmp_path / "b",
+                         **{**common, "train.resume_from_checkpoint": "latest"})
+    result = vlmtune.train(resumed, log=lambda *_: None)
+    assert result.metrics["global_step"] == 4
+    a = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: seeded LoRA init, restored optimizer and data order
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(small_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.resume_from_checkpoint": "latest"})
+    with pytest.raises(vlmtune.VlmtuneError, match="no checkpoint-N folder"):
+        vlmtune.train(recipe, log=lambda *_: None)

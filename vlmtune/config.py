@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["none"])
     use_cpu: bool = False
+    resume_from_checkpoint: str | None = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint folder
     group_by_length: bool = False  # batches of similar lengths: less padding, a little less randomness
 
 

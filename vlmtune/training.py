@@ -104,6 +104,9 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
         from .distributed import init_deepspeed_comm
 
         init_deepspeed_comm()
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)  # LoRA's random init happens before the Trainer seeds anything
     model = load_base_model(recipe, plan.family, plan.runtime)
     model = attach_lora(model, plan.family, recipe, plan.runtime)
     if zero3_enabled() or world_size() > 1:  # every rank runs the vision tower once per forward
@@ -192,7 +195,7 @@ def train(recipe: Recipe, log=print) -> TrainResult:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_point(recipe, out / "checkpoints"))
     metrics = dict(output.metrics)
     metrics["global_step"] = trainer.state.global_step
     metrics.update(_data_metrics(plan, metrics))
@@ -210,6 +213,24 @@ def train(recipe: Recipe, log=print) -> TrainResult:
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+def resume_point(recipe: Recipe, checkpoints: Path) -> str | None:
+    """The checkpoint folder to resume from, or None to start fresh."""
+    wanted = recipe.train.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise VlmtuneError(f"train.resume_from_checkpoint=latest: no checkpoint-N folder in {checkpoints}; "
+                               "remove the option to start fresh")
+        return last
+    if not Path(wanted).is_dir():
+        raise VlmtuneError(f"train.resume_from_checkpoint: folder not found: {wanted}")
+    return wanted
 
 
 def _data_metrics(plan: Plan, metrics: dict) -> dict:
