@@ -319,3 +319,17 @@ def test_one_process_with_deepspeed_needs_no_launcher(ds, quant, mp_data, shm_op
     assert "launching: " not in proc.stderr and proc.stdout.count("done: 1 steps") == 1
     weights = (out / "adapter_model.safetensors")
     assert weights.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_resumes_on_the_same_number_of_processes(mp_data, shm_op_built, tmp_path):
+    two = ("distributed.deepspeed=zero2", "distributed.num_processes=2", "train.save_steps=2")
+    proc, out, _, _ = run_worker(tmp_path, mp_data, *two, "train.max_steps=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    proc, out, probe, ranks = run_worker(tmp_path, mp_data, *two, "train.max_steps=3",
+                                         "train.resume_from_checkpoint=latest")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("done: 3 steps") == 1
+    assert all(len(r["forwards"]) == 1 for r in ranks)  # only step 3 ran: steps 1-2 came from the checkpoint
+    assert_adapter_reloads_with_training_logits(out, probe)
