@@ -285,3 +285,37 @@ def test_pixel_bounds_are_refused_where_they_do_not_apply(key):
                                                   "data.train": str(SHAPES / "train.jsonl")})
     assert [e.path for e in check_runtime(recipe, families.get("llava_next"))] == [f"data.{key}"]
     assert check_runtime(recipe, families.get("qwen2_vl")) == []
+
+
+def test_a_template_that_writes_bos_itself_gets_no_second_bos(processor_for, images):
+    import copy
+
+    family, processor = families.get("llava"), copy.copy(processor_for("llava"))
+    processor.chat_template = "{{ bos_token }}" + processor.chat_template.removeprefix("{{ bos_token }}")
+    c = CASES["multi_turn"](images)
+    from vlmtune.data.formatting import template_messages
+
+    text = processor.apply_chat_template(template_messages(c.turns), tokenize=False)
+    imgs = [Image.open(p).convert("RGB") for p in c.images]
+    # as transformers' apply_chat_template(tokenize=True) does for such templates: no added BOS
+    ref = processor(text=[text], images=imgs, add_special_tokens=False)["input_ids"][0]
+    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    bos = processor.tokenizer.bos_token_id
+    assert out.input_ids[:2].count(bos) == 1 and ref[:2].count(bos) == 1
+    eos = processor.tokenizer.eos_token_id
+    assert [i for i in out.input_ids if i != eos] == [i for i in ref if i != eos]  # but the appended </s>
+
+
+def test_a_template_that_refuses_a_conversation_is_a_row_problem(processor_for, images):
+    import copy
+
+    from vlmtune.data.formatting import FormatError
+
+    family, processor = families.get("llava"), copy.copy(processor_for("llava"))
+    processor.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+                               "{% endif %}{% endfor %}" + processor.chat_template)
+    c = CASES["multi_turn"](images)
+    c.turns.insert(0, c.turns[0])
+    with pytest.raises(FormatError, match="refuses this conversation: Conversation roles must alternate"):
+        Formatter(family, processor)(c, counts_for(family, processor, c.images))

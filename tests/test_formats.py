@@ -487,3 +487,23 @@ def test_recipe_data_field_errors(tmp_path, data, expected):
     with pytest.raises(RecipeError) as e:
         load_recipe(write_recipe(tmp_path, train="t.jsonl", **data))
     assert expected in str(e.value)
+
+
+def test_image_parts_with_and_without_an_index_take_each_image_once(tmp_path):
+    from PIL import Image
+
+    from vlmtune.data.formats import read_rows
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "index": 1}, {"type": "image"}]},
+                      {"role": "assistant", "content": "x"}], "images": ["a.png", "b.png"]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "index": 0}, {"type": "image", "index": 0}]},
+                      {"role": "assistant", "content": "x"}], "images": ["a.png", "b.png"]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = list(read_rows(path, "messages", None))
+    assert [Path(p).name for p in first.images] == ["b.png", "a.png"]
+    assert "image 0 of \"images\" is used twice" in second.message

@@ -89,9 +89,14 @@ class Formatter:
         self.affixes = special_affixes(self.tokenizer)
 
     def render(self, turns: list[Turn], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(
-            template_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        import jinja2
+
+        try:
+            return self.processor.apply_chat_template(
+                template_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as e:
+            raise FormatError(f"the chat template refuses this conversation: {e}") from None
 
     def with_system_prompt(self, conv: Conversation) -> list[Turn]:
         turns = list(conv.turns)
@@ -166,6 +171,9 @@ class Formatter:
             per_piece = [self._tokenize_piece(p.text, first=k == 0) for k, p in enumerate(pieces)]
         every = self.train_on is TrainOn.ALL
         prefix, suffix = self.affixes
+        bos = self.tokenizer.bos_token
+        if prefix and bos and pieces and pieces[0].text.startswith(bos):
+            prefix = []  # the template writes BOS itself; the processor then adds none either
         ids, labels = list(prefix), list(prefix) if every else [IGNORE_INDEX] * len(prefix)
         for piece, piece_ids in zip(pieces, per_piece, strict=True):
             piece_ids = piece_ids + ([self.tokenizer.eos_token_id] if piece.eos_after else [])

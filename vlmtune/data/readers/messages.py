@@ -36,19 +36,26 @@ class _Pool:
     def __init__(self, refs: list, resolve: Resolve):
         self.refs = refs
         self.paths = resolve_all(refs, resolve, "images") if refs else []
-        self.taken = 0
+        self.used: list[int] = []
 
     def take(self, index: object, where: str) -> str:
-        k = index if isinstance(index, int) and not isinstance(index, bool) else self.taken
+        """The image at `index`, or else the first one no part has taken yet."""
+        if isinstance(index, int) and not isinstance(index, bool):
+            k = index
+        else:
+            k = next((n for n in range(len(self.paths)) if n not in self.used), len(self.paths))
         if not 0 <= k < len(self.paths):
             raise RowError(f'{where}: an image part without an image, but "images" has no image {k} '
                            f"({len(self.paths)} given)")
-        self.taken += 1
+        if k in self.used:
+            raise RowError(f'{where}: image {k} of "images" is used twice')
+        self.used.append(k)
         return self.paths[k]
 
     def check_all_used(self) -> None:
-        if self.taken != len(self.paths):
-            raise RowError(f'{self.taken} image parts without their own image but {len(self.paths)} images in "images"')
+        if sorted(self.used) != list(range(len(self.paths))):
+            raise RowError(f'{len(self.used)} image parts without their own image but {len(self.paths)} images '
+                           'in "images"')
 
 
 def _parts(content: object, i: int, resolve: Resolve, pool: _Pool) -> list[Part]:
