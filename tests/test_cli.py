@@ -208,3 +208,19 @@ def test_validate_reports_every_bad_case_of_a_broken_corpus(workspace, capsys):
     assert f"train.jsonl:{n + 3}: " in out and "image placeholders" in out
     assert f"train.jsonl:{n + 4}: duplicate of row 1" in out
     assert f"{n + 2} problems would stop training" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sft", "{recipe}", "train.learning_rate=[1"], "train.learning_rate: the override value '[1' is not valid YAML"),
+    (["sft", "{folder}"], "is a folder; give the recipe's YAML file"),
+    (["inspect", "{recipe}", "--index", "99"], "--index 99: "),
+])
+def test_user_mistakes_never_end_in_a_traceback(workspace, capsys, args, expected):
+    args = [a.format(recipe=recipe(workspace), folder=workspace) for a in args]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_debug_before_the_command_is_honoured(workspace, capsys):
+    code, _, err = run(capsys, "--debug", "sft", recipe(workspace, data__train="missing.jsonl"))
+    assert code == 2 and "Traceback" in err

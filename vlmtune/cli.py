@@ -91,7 +91,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-check", action="store_true", help="skip the logits parity check against base + adapter")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=cmd_merge_adapter)
     p = sub.add_parser("predict", help="generate with a merged model or a base + adapter")
     p.add_argument("model", help="merged model folder, adapter folder, or model id/folder")
@@ -107,7 +107,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=cmd_predict)
 
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
-        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         if name == "inspect":
             p.add_argument("--num", type=int, default=3, help="how many samples (default 3)")
             p.add_argument("--index", type=int, default=None, help="show only the sample at this 0-based row index")

@@ -134,7 +134,7 @@ CHOICES = {
     "data.train_on": tuple(t.value for t in TrainOn),
     "data.on_overlong": ("drop", "error", "shrink_images"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                                "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"),
+                                "polynomial", "inverse_sqrt"),
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
                     "adafactor", "sgd"),
     "distributed.launcher": ("auto", "torchrun", "deepspeed", "accelerate"),
@@ -177,6 +177,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RecipeError([FieldError("", f"recipe file not found: {path}")]) from None
+        except IsADirectoryError:
+            raise RecipeError([FieldError("", f"{path} is a folder; give the recipe's YAML file")]) from None
+        except UnicodeDecodeError as e:
+            raise RecipeError([FieldError("", f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8")]) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -206,7 +210,11 @@ def apply_overrides(raw: dict, overrides: dict | list[str], errors: list[FieldEr
                 errors.append(FieldError(item, "an override must look like section.key=value, e.g. train.max_steps=10"))
                 continue
             key, value = item.split("=", 1)
-            parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+            try:
+                parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+            except yaml.YAMLError:
+                errors.append(FieldError(key.strip(), f"the override value {value!r} is not valid YAML; quote it, "
+                                         f"e.g. {key.strip()}='{value}'"))
         items = parsed
     for key, value in items:
         node = raw

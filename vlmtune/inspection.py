@@ -10,6 +10,7 @@ from .config import Recipe
 from .data.formats import reader_options
 from .data.formatting import IGNORE_INDEX
 from .data.prepare import iter_rows
+from .errors import VlmtuneError
 from .preflight import formatting_for
 
 GREEN, DIM, CYAN, RESET = "\033[42;30m", "\033[2m", "\033[36m", "\033[0m"
@@ -110,7 +111,7 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
     d = recipe.data
     path = getattr(d, split)
     if not path:
-        raise ValueError(f"data.{split} is not set")
+        raise VlmtuneError(f"data.{split} is not set")
     samples = []
     image_id = formatter.image_token_id
     rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
@@ -125,6 +126,8 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
                                   ex.input_ids.count(image_id) if ex else 0, r.dropped, problem))
         if len(samples) >= (1 if index is not None else num):
             break
+    if index is not None and not samples:
+        raise VlmtuneError(f"--index {index}: {path} has no such row (it has fewer rows; rows count from 0)")
     notes = []
     if family.append_eos_after_reply:
         eos = formatter.tokenizer.eos_token

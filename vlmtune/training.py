@@ -203,7 +203,7 @@ def train(recipe: Recipe, log=print) -> TrainResult:
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     if plan.eval is not None and plan.eval.examples:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_eval(trainer))
     adapter_state = gathered_adapter_state(trainer.model)  # ZeRO-3: collective, every rank; else None
     if trainer.is_world_process_zero():
         write_outputs(trainer, plan, out, metrics, adapter_state=adapter_state)
@@ -213,6 +213,15 @@ def train(recipe: Recipe, log=print) -> TrainResult:
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+def _final_eval(trainer) -> dict:
+    """Eval metrics at the last step: the trainer's own if it evaluated there, else one more pass."""
+    step = trainer.state.global_step
+    logged = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    if logged:
+        return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def resume_point(recipe: Recipe, checkpoints: Path) -> str | None:
