@@ -48,3 +48,23 @@ def test_text_only_batch_has_no_vision_tensors(processor_for):
     ds = to_dataset([Example(out.input_ids, out.labels, [], [], "t:1")], family, processor)
     batch = VisionCollator(0, pad_to_multiple_of=8)([ds[0]])
     assert "pixel_values" not in batch and batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_an_image_that_fails_to_decode_during_training_names_its_row(processor_for, tmp_path):
+    import pytest
+
+    from vlmtune.errors import VlmtuneError
+
+    family, processor = families.get("qwen2_vl"), processor_for("qwen2_vl")
+    good = tmp_path / "img.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(good)
+    data = good.read_bytes()
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(data[: len(data) // 2])  # the header reads; the pixels do not
+    n, grid = family.image_layout(processor, 64, 64)
+    turns = [Turn("user", [Part("image", image=str(broken)), Part("text", text="q")]),
+             Turn("assistant", [Part("text", text="a")])]
+    out = Formatter(family, processor)(Conversation(turns, source="train.jsonl:7"), [n])
+    ds = to_dataset([Example(out.input_ids, out.labels, [str(broken)], [grid], "train.jsonl:7")], family, processor)
+    with pytest.raises(VlmtuneError, match="train.jsonl:7: "):
+        ds[0]

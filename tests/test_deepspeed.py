@@ -333,3 +333,14 @@ def test_zero2_checkpoint_resumes_on_the_same_number_of_processes(mp_data, shm_o
     assert proc.stdout.count("done: 3 steps") == 1
     assert all(len(r["forwards"]) == 1 for r in ranks)  # only step 3 ran: steps 1-2 came from the checkpoint
     assert_adapter_reloads_with_training_logits(out, probe)
+
+
+def test_videos_under_zero3_are_refused_before_training():
+    from vlmtune.data.prepare import Example, PreparedData
+    from vlmtune.preflight import _zero3_video_problems
+
+    data = PreparedData(examples=[Example([1], [1], [], [], "d.jsonl:1"),
+                                  Example([1], [1], [], [], "d.jsonl:2", videos=[object()])])
+    assert "use distributed.deepspeed=zero2" in _zero3_video_problems(recipe(**{"distributed.deepspeed": "zero3"}),
+                                                                       {"train": data})[0]
+    assert _zero3_video_problems(recipe(**{"distributed.deepspeed": "zero2"}), {"train": data}) == []

@@ -507,3 +507,14 @@ def test_image_parts_with_and_without_an_index_take_each_image_once(tmp_path):
     first, second = list(read_rows(path, "messages", None))
     assert [Path(p).name for p in first.images] == ["b.png", "a.png"]
     assert "image 0 of \"images\" is used twice" in second.message
+
+
+def test_a_line_that_is_not_utf8_is_that_rows_problem_only(tmp_path):
+    from vlmtune.data.formats import RowProblem, read_rows
+
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good.encode() + b"\n" + good.replace("q", "caf\xe9").encode("latin-1") + b"\n" + good.encode())
+    out = list(read_rows(path, "messages", None))
+    assert [isinstance(o, RowProblem) for o in out] == [False, True, False]
+    assert out[1].row == 2 and "not UTF-8" in out[1].message

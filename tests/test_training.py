@@ -189,3 +189,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(small_data, tmp_path):
     recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.resume_from_checkpoint": "latest"})
     with pytest.raises(vlmtune.VlmtuneError, match="no checkpoint-N folder"):
         vlmtune.train(recipe, log=lambda *_: None)
+
+
+def test_a_misspelled_lora_target_is_named(small_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"lora.target_modules": ["q_proj", "vproj"]})
+    with pytest.raises(vlmtune.VlmtuneError, match="lora.target_modules: vproj match no linear layer.*v_proj"):
+        build_trainer(vlmtune.plan(recipe), tmp_path / "c", log=lambda *_: None)

@@ -27,6 +27,7 @@ from vlmtune.data.video import (
     processor_kwargs,
     sample_indices,
 )
+from vlmtune.errors import VlmtuneError
 
 from .conftest import write_jsonl
 from .test_formatting import supervised_runs
@@ -352,7 +353,7 @@ def test_a_changed_video_is_caught_when_processed(frames, processor_for):
     counts, _, clips = plan(family, processor, c)
     example = _example(family, processor, c, counts, clips)
     example.videos = [VideoClip(clips[0].source, clips[0].indices, (3, 8, 8), clips[0].tokens, 1.0)]
-    with pytest.raises(RuntimeError, match=r"video processor made grids \[\[3, 4, 6\]\] but \[\[3, 8, 8\]\]"):
+    with pytest.raises(VlmtuneError, match=r"video processor made grids \[\[3, 4, 6\]\] but \[\[3, 8, 8\]\]"):
         to_dataset([example], family, processor)[0]
 
 

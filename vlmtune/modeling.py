@@ -220,17 +220,24 @@ def lora_targets(model, family: Family, recipe: Recipe) -> str:
     lo = recipe.lora
     names = set(lo.target_modules or family.default_lora_targets)
     chosen = []
+    available = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         component = family.component_of(name)
         leaf = name.rsplit(".", 1)[-1]
+        if component == "language" and not name.startswith("lm_head"):
+            available.add(leaf)
         if component == "language" and leaf in names and not name.startswith("lm_head"):
             chosen.append(name)
         elif component == "vision" and lo.train_vision_tower:
             chosen.append(name)
         elif component == "projector" and (lo.train_projector or lo.train_vision_tower):
             chosen.append(name)
+    unknown = sorted(names - available) if lo.target_modules else []
+    if unknown:
+        raise VlmtuneError(f"lora.target_modules: {', '.join(unknown)} match no linear layer of the language "
+                           f"model; its linear layers are named {', '.join(sorted(available))}")
     if not chosen:
         return ""
     patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in chosen})

@@ -60,7 +60,23 @@ def plan_run(recipe: Recipe) -> Plan:
     """Check model and machine, read and format all data; raise PreflightError listing every problem."""
     model_config, family, formatter = formatting_for(recipe)
     splits, problems = check_data(recipe, family, formatter)
+    problems.extend(_zero3_video_problems(recipe, splits))
     if problems:
         raise PreflightError(problems)
     return Plan(recipe, model_config, family, formatter.processor, runtime_for(recipe, family), formatter,
                 splits["train"], splits.get("eval"))
+
+
+def _zero3_video_problems(recipe: Recipe, splits: dict[str, PreparedData]) -> list[str]:
+    """Videos under ZeRO-3: a batch with images and videos runs the vision tower twice, a batch with only one of
+    them once, so ranks would gather weights a different number of times and hang. Refused until handled."""
+    spec = recipe.distributed.deepspeed
+    if spec == "none":
+        return []
+    from .deepspeed_config import stage_of
+
+    if stage_of(spec) != 3:
+        return []
+    return [f"data.{split}: {sum(1 for e in data.examples if e.videos)} rows hold videos, which ZeRO-3 does not "
+            "support yet (ranks could run the vision tower a different number of times and hang); use "
+            "distributed.deepspeed=zero2" for split, data in splits.items() if any(e.videos for e in data.examples)]

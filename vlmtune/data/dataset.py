@@ -9,9 +9,10 @@ from __future__ import annotations
 import datasets
 import torch
 
+from ..errors import VlmtuneError
 from ..families import Family
 from . import video
-from .images import load_rgb
+from .images import ImageProblem, load_rgb
 from .prepare import Example
 
 
@@ -27,6 +28,14 @@ def to_dataset(examples: list[Example], family: Family, processor, model_config=
         "videos": [video.dumps(e.videos) for e in examples],
     })
     return table.with_transform(VisionTransform(family, processor, model_config))
+
+
+def _load(path: str, source: str):
+    """Decode one image; a file whose header read fine but whose pixels do not names its data row."""
+    try:
+        return load_rgb(path)
+    except ImageProblem as e:
+        raise VlmtuneError(f"{source}: {e}; fix or remove the file (vlmtune validate reads headers only)") from None
 
 
 class VisionTransform:
@@ -51,11 +60,11 @@ class VisionTransform:
             if images:
                 # one sample's images as one nested list, as the processor groups them (LLaVA-OneVision
                 # processes the images of a multi-image sample differently from a lone image)
-                vision = dict(self.processor.image_processor(images=[[load_rgb(p) for p in images]],
+                vision = dict(self.processor.image_processor(images=[[_load(p, source) for p in images]],
                                                              return_tensors="pt", **self._bounds(max_pixels)))
                 made = vision.get(self.family.grid_key) if self.family.grid_key else None
                 if made is not None and made.tolist() != [list(g) for g in grids]:
-                    raise RuntimeError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
+                    raise VlmtuneError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
                                        "were planned; did an image file change after the data was prepared?")
                 vision_keys.update(vision)
             clips = video.loads(videos)
@@ -73,11 +82,15 @@ class VisionTransform:
 
     def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
         """One sample's videos through the video processor, as the sampled frames planned."""
-        made = dict(self.processor.video_processor(videos=[video.load_frames(c) for c in clips], return_tensors="pt",
+        try:
+            frames = [video.load_frames(c) for c in clips]
+        except ImageProblem as e:  # VideoProblem: a file that reads its header but not its frames
+            raise VlmtuneError(f"{source}: {e}") from None
+        made = dict(self.processor.video_processor(videos=frames, return_tensors="pt",
                                                    **video.processor_kwargs(self.processor)))
         grids = made.get(self.family.video_grid_key)
         if grids is not None and grids.tolist() != [list(c.grid) for c in clips]:
-            raise RuntimeError(f"{source}: the video processor made grids {grids.tolist()} but "
+            raise VlmtuneError(f"{source}: the video processor made grids {grids.tolist()} but "
                                f"{[list(c.grid) for c in clips]} were planned; did a video file change after the "
                                "data was prepared?")
         return made

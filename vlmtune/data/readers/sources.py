@@ -38,7 +38,7 @@ def base_dir(path: Path) -> Path:
 
 
 def _starts_with(path: Path, char: str) -> bool:
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
@@ -47,8 +47,13 @@ def _starts_with(path: Path, char: str) -> bool:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Numbered]:
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so that one badly encoded line is that line's problem only
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, "", RowError(f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -62,6 +67,9 @@ def _json_array_rows(path: Path) -> Iterator[Numbered]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             items = json.load(f)
+    except UnicodeDecodeError as e:
+        yield 1, "", RowError(f"not UTF-8 text (byte {e.start} of the file); save the file as UTF-8")
+        return
     except json.JSONDecodeError as e:
         yield e.lineno, "", RowError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); a file "
                                      "starting with [ must be one JSON array of row objects")
