@@ -165,3 +165,31 @@ def test_bad_predict_inputs_exit_cleanly(merged, tmp_path, capsys, args, expecte
 def test_a_folder_that_is_no_model_is_refused(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--prompt", "hi"]) == 2
     assert "neither a model folder" in capsys.readouterr().err
+
+
+def test_predict_reads_other_data_formats_as_training_does(tmp_path):
+    import json as _json
+
+    from PIL import Image
+
+    from vlmtune.prediction import read_prompts
+
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(_json.dumps({"img": "red.png", "q": "What colour?", "a": "Red."}) + "\n")
+    (prompt,) = read_prompts(path, None, "vqa", {"columns": {"image": "img", "question": "q", "answer": "a"}})
+    assert prompt.reference == "Red." and [t.role for t in prompt.turns] == ["user"]
+    assert prompt.turns[0].images == [str(tmp_path / "red.png")]
+
+
+def test_predict_defaults_to_the_data_format_the_adapter_was_trained_on(tmp_path):
+    import json as _json
+
+    from vlmtune.prediction import _data_settings
+
+    (tmp_path / "vlmtune.json").write_text(_json.dumps(
+        {"data": {"format": "caption", "columns": {"image": "pic"}, "caption_prompt": "Say what you see."}}))
+    assert _data_settings(tmp_path, None) == ("caption", {"columns": {"image": "pic"},
+                                                           "caption_prompt": "Say what you see."})
+    assert _data_settings(tmp_path, "vqa")[0] == "vqa"
+    assert _data_settings(tmp_path / "nothing", None) == ("messages", {"columns": {}})

@@ -69,7 +69,7 @@ def cmd_predict(args) -> int:
     records = predict(args.model, images=args.image, prompt=args.prompt, data=args.data, out=args.out,
                       base=args.base, image_root=args.image_root, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                      dtype=args.dtype)
+                      dtype=args.dtype, data_format=args.format)
     if args.prompt is not None:
         print(records[0]["prediction"] or "(empty reply: the model ended its turn at once)")
     else:
@@ -99,6 +99,8 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--prompt", help="the user's question")
     p.add_argument("--data", help="messages JSONL file: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here")
+    p.add_argument("--format", choices=["messages", "llava", "sharegpt", "vqa", "caption"],
+                   help="data format of --data (default: the one the adapter was trained on, else messages)")
     p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
     p.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -141,9 +141,11 @@ def single_prompt(images: list, text: str) -> Prompt:
     return Prompt([Turn("user", parts)], row, None, "prompt")
 
 
-def read_prompts(path, image_root: str | None = None) -> list[Prompt]:
-    """Rows of a `messages` data file (vlmtune's reader): the conversation before a final assistant reply,
-    which is the reference answer; rows that end in a user turn are prompts without a reference."""
+def read_prompts(path, image_root: str | None = None, fmt: str = "messages",
+                 options: dict | None = None) -> list[Prompt]:
+    """Rows of a data file: the conversation before a final assistant reply, which is the reference answer.
+    In `messages` rows that end in a user turn are prompts without a reference; other formats (llava,
+    sharegpt, vqa, caption; `options` as `formats.reader_options`) are read exactly as training reads them."""
     from .data.images import ImageResolver
     from .data.readers import sources
     from .data.readers.common import RowError
@@ -151,6 +153,8 @@ def read_prompts(path, image_root: str | None = None) -> list[Prompt]:
     path = Path(path)
     if not path.exists():
         raise VlmtuneError(f"data file not found: {path}")
+    if fmt != "messages":
+        return _prompts_from_format(path, image_root, fmt, options or {})
     resolve = ImageResolver(sources.base_dir(path), image_root)
     prompts, problems = [], []
     for number, unit, raw in sources.rows(path, {}):
@@ -168,6 +172,42 @@ def read_prompts(path, image_root: str | None = None) -> list[Prompt]:
     if not prompts:
         raise VlmtuneError(f"{path} has no rows")
     return prompts
+
+
+def _prompts_from_format(path: Path, image_root: str | None, fmt: str, options: dict) -> list[Prompt]:
+    from .data.formats import RowProblem, read_rows
+    from .data.formatting import template_messages
+
+    prompts, problems = [], []
+    try:
+        rows = list(read_rows(path, fmt, image_root, **options))
+    except ValueError as e:
+        raise VlmtuneError(str(e)) from None
+    for item in rows:
+        if isinstance(item, RowProblem):
+            problems.append(str(item))
+            continue
+        *turns, last = item.turns
+        row = {"messages": [{**m, "images": t.images} for m, t in zip(template_messages(item.turns), item.turns,
+                                                                        strict=True)]}
+        prompts.append(Prompt(turns, row, last.text, item.source))
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:20])
+        raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}")
+    if not prompts:
+        raise VlmtuneError(f"{path} has no rows")
+    return prompts
+
+
+def _data_settings(model, data_format: str | None) -> tuple[str, dict]:
+    """The data format and reader options: given, else as the adapter or merged model was trained."""
+    meta_path = Path(str(model)) / "vlmtune.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    data = meta.get("data") or {}
+    options = {"columns": data.get("columns") or {}}
+    if data.get("caption_prompt"):
+        options["caption_prompt"] = data["caption_prompt"]
+    return data_format or data.get("format") or "messages", options
 
 
 def _prompt_from_row(row, resolve, source: str) -> Prompt:
@@ -250,7 +290,8 @@ def generate(loaded: Loaded, examples: list[Example], max_new_tokens: int = 64, 
 def predict(model, images: list | None = None, prompt: str | None = None, data=None, out=None, *,
             base: str | None = None, image_root: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
-            dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None) -> list[dict]:
+            dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None,
+            data_format: str | None = None) -> list[dict]:
     """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given.
 
     Returns one record per input: {"row", "prediction", "reference", "source"}.
@@ -258,7 +299,11 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
     from tqdm.auto import tqdm
 
     _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
-    prompts = [single_prompt(images, prompt)] if prompt is not None else read_prompts(data, image_root)
+    if prompt is not None:
+        prompts = [single_prompt(images, prompt)]
+    else:
+        fmt, options = _data_settings(model, data_format)
+        prompts = read_prompts(data, image_root, fmt, options)
     if loaded is None:
         from .merge import DTYPES
 

@@ -162,6 +162,8 @@ def metadata(plan: Plan) -> dict:
         "dtype": str(plan.runtime.dtype).removeprefix("torch."),
         "pixel_bounds": pixel_bounds(plan.processor) if plan.family.pixel_bounds else None,
         "train_on": r.data.train_on,
+        "data": {"format": r.data.format, "columns": dict(getattr(r.data, "columns", {}) or {}),
+                 "caption_prompt": getattr(r.data, "caption_prompt", None)},
         "system_prompt": r.data.system_prompt,
         "max_length": r.data.max_length,
         "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": _world_size()},
