@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .errors import VlmtuneError
 from .merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .training import METADATA_FILE
 
-METADATA_FILE = "vlmtune.json"
 # adapter-folder files that are not part of the processor (everything else is copied byte for byte)
 _NOT_PROCESSOR = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "README.md", "train_results.json",
                   METADATA_FILE, "trainer_state.json", "training_args.bin", "config.json", "generation_config.json"}

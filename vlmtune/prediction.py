@@ -27,8 +27,7 @@ from .data.prepare import (
     format_example,  # training's formatting of one conversation
 )
 from .errors import VlmtuneError
-
-METADATA_FILE = "vlmtune.json"
+from .training import METADATA_FILE
 
 
 @dataclass
@@ -201,7 +200,7 @@ def _prompts_from_format(path: Path, image_root: str | None, fmt: str, options: 
 
 def _data_settings(model, data_format: str | None) -> tuple[str, dict]:
     """The data format and reader options: given, else as the adapter or merged model was trained."""
-    meta_path = Path(str(model)) / "vlmtune.json"
+    meta_path = Path(str(model)) / METADATA_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     data = meta.get("data") or {}
     options = {"columns": data.get("columns") or {}}
