@@ -25,7 +25,7 @@ PROBE_IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
 
 
 def install_probes(probe_dir: Path) -> None:
-    from vlmtune import distributed, training
+    from vlmtune import distributed, modeling, training
     from vlmtune.data import dataset
 
     record = {"sources": [], "forwards": [], "dummy_calls": 0}
@@ -78,7 +78,7 @@ def install_probes(probe_dir: Path) -> None:
             torch.save(logits, probe_dir / "logits.pt")
         record["dummy_calls"] = hooks["vision"].calls if hooks.get("vision") else 0
         record["world_size"] = distributed.world_size()
-        record["zero3"] = distributed.zero3_enabled()
+        record["zero3"] = modeling.zero3_enabled()
         from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import deepspeed_config
 

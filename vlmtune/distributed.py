@@ -25,6 +25,7 @@ import torch
 from . import deepspeed_config
 from .config import FieldError, Recipe
 from .errors import VlmtuneError
+from .modeling import runtime_for
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 DEFAULT_PORT = 29500
@@ -238,8 +239,6 @@ def check_distributed(recipe: Recipe, model_config, family) -> list[FieldError]:
         errs.append(FieldError("distributed.deepspeed", f"{recipe.model.name_or_path} is a pre-quantized checkpoint "
                                f"({method}); ZeRO-3 cannot partition its packed weights: use zero2, or the "
                                "full-precision checkpoint with quantization.mode=4bit"))
-    from .modeling import runtime_for
-
     runtime = runtime_for(recipe, family)
     if q.mode == "4bit" and stage == 3 and getattr(torch, q.compute_dtype) != runtime.dtype:
         errs.append(FieldError("quantization.compute_dtype", f"must equal the model dtype "
@@ -257,14 +256,6 @@ def check_distributed(recipe: Recipe, model_config, family) -> list[FieldError]:
     problems += deepspeed_config.validate(deepspeed_config.fill_autos(config, values), world_size=world)
     errs.extend(FieldError("distributed.deepspeed", p) for p in problems)
     return errs
-
-
-def zero3_enabled() -> bool:
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return False
-    return is_deepspeed_zero3_enabled()
 
 
 # ------------------------------------------------------------------ ZeRO-3: the vision tower in step

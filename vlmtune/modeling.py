@@ -78,9 +78,6 @@ def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None
         errs.append(FieldError("model.family", f"{m.family} does not match the model's model_type "
                                f"{config.model_type!r}; use auto"))
     errs.extend(check_runtime(recipe, family))
-    from .distributed import check_distributed
-
-    errs.extend(check_distributed(recipe, config, family))
     return errs, config, family
 
 
@@ -194,8 +191,6 @@ def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
     quant = quantization_config(recipe, family)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        from .distributed import zero3_enabled
-
         # each process its own GPU (a launcher sets LOCAL_RANK). Under ZeRO-3 transformers refuses a device_map;
         # it loads quantized weights without zero.Init (on the current GPU) and DeepSpeed partitions them later
         if not zero3_enabled():
@@ -206,6 +201,15 @@ def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
     if quant is not None and runtime.device == "cpu":
         _disable_cpu_4bit_repacking(model)
     return model
+
+
+def zero3_enabled() -> bool:
+    """A DeepSpeed ZeRO-3 config is active for this process (set up by the trainer arguments)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 def _disable_cpu_4bit_repacking(model) -> None:

@@ -30,6 +30,10 @@ class Plan:
 def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
     """Model config, family and formatter (processor inside) for a recipe; PreflightError if the model is wrong."""
     errors, model_config, family = check_model(recipe)
+    if family is not None:
+        from .distributed import check_distributed
+
+        errors.extend(check_distributed(recipe, model_config, family))
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe)

@@ -96,7 +96,8 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
-    from .distributed import keep_vision_in_step, world_size, zero3_enabled
+    from .distributed import keep_vision_in_step, world_size
+    from .modeling import zero3_enabled
 
     recipe = plan.recipe
     args = sft_config(recipe, plan, checkpoint_dir)  # first: a DeepSpeed config must exist before the model loads
