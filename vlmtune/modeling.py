@@ -139,23 +139,19 @@ def load_processor(recipe: Recipe):
     m, d = recipe.model, recipe.data
     processor = AutoProcessor.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
-    ip = processor.image_processor
-    if d.min_pixels or d.max_pixels:
-        size = dict(ip.size)
-        if d.min_pixels:
-            size["shortest_edge"] = d.min_pixels
-        if d.max_pixels:
-            size["longest_edge"] = d.max_pixels
-        ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
+    from .data.pixels import set_bounds
     from .data.video import apply_video_settings
+
+    set_bounds(processor.image_processor, d.min_pixels, d.max_pixels)
 
     apply_video_settings(processor, d.video_fps, d.video_max_frames, d.video_min_pixels, d.video_max_pixels)
     return processor
 
 
 def pixel_bounds(processor) -> dict:
-    size = processor.image_processor.size
-    return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+    from .data.pixels import bounds_of
+
+    return bounds_of(processor.image_processor)
 
 
 def quantization_config(recipe: Recipe, family: Family):

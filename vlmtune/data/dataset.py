@@ -11,7 +11,7 @@ import torch
 
 from ..errors import VlmtuneError
 from ..families import Family
-from . import video
+from . import pixels, video
 from .images import ImageProblem, load_rgb
 from .prepare import Example
 
@@ -101,8 +101,4 @@ class VisionTransform:
 
     def _bounds(self, max_pixels: int | None) -> dict:
         """A sample shrunk to fit max_length is processed under its own, lower pixel bound."""
-        if max_pixels is None:
-            return {}
-        size = dict(self.processor.image_processor.size)
-        size["longest_edge"] = max_pixels
-        return {"size": {k: v for k, v in size.items() if v is not None}}
+        return pixels.call_kwargs(self.processor.image_processor, max_pixels)

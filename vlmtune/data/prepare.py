@@ -16,6 +16,7 @@ from .conversation import Conversation
 from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
 from .images import ImageProblem, image_size
+from .pixels import bounds_of, set_bounds
 from .video import VideoClip, VideoInfo, describe, frame_settings, probe, sample_indices, sampled_fps
 
 OVERLONG_POLICIES = ("drop", "error", "shrink_images")
@@ -219,8 +220,8 @@ def format_example(conv: Conversation, formatter: Formatter, family: Family, dim
 def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_length: int,
             full: Example, clips: list[VideoClip] = ()) -> Example | None:
     """The example under the largest pixel bound (>= min_pixels) that fits max_length, or None."""
-    size = formatter.processor.image_processor.size
-    top, floor = size.get("longest_edge"), size.get("shortest_edge")
+    bounds = bounds_of(formatter.processor.image_processor)
+    top, floor = bounds["max_pixels"], bounds["min_pixels"]
     if not family.pixel_bounds or not top or not floor:
         return None  # this family's image processor has no pixel bounds to lower
     image_id = formatter.image_token_id
@@ -245,9 +246,7 @@ def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_
 def _with_max_pixels(processor, max_pixels: int):
     clone = copy.copy(processor)
     clone.image_processor = copy.copy(processor.image_processor)
-    size = dict(processor.image_processor.size)
-    size["longest_edge"] = max_pixels
-    clone.image_processor.size = type(processor.image_processor.size)(**size)
+    set_bounds(clone.image_processor, max_pixels=max_pixels)
     return clone
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageProblem, image_size, load_rgb
+from .pixels import set_bounds
 
 DEFAULT_FPS = 2.0
 DEFAULT_MAX_FRAMES = 32
@@ -139,13 +140,7 @@ def apply_video_settings(processor, fps: float, max_frames: int, min_pixels: int
     if vp is None:
         return
     vp.fps, vp.max_frames = fps, max_frames
-    if min_pixels or max_pixels:
-        size = dict(vp.size)
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
-        vp.size = size if isinstance(vp.size, dict) else type(vp.size)(**size)
+    set_bounds(vp, min_pixels, max_pixels)
 
 
 def processor_kwargs(processor) -> dict:
