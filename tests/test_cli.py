@@ -224,3 +224,16 @@ def test_user_mistakes_never_end_in_a_traceback(workspace, capsys, args, expecte
 def test_debug_before_the_command_is_honoured(workspace, capsys):
     code, _, err = run(capsys, "--debug", "sft", recipe(workspace, data__train="missing.jsonl"))
     assert code == 2 and "Traceback" in err
+
+
+def test_validate_decode_finds_images_whose_pixels_are_broken(workspace, capsys):
+    data = (workspace / "images" / "train_0001.png").read_bytes()
+    (workspace / "cut.png").write_bytes(data[: len(data) // 2])
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "cut.png"},
+                                                     {"type": "text", "text": "q"}]},
+                        {"role": "assistant", "content": "a"}]}
+    write_jsonl(workspace / "train.jsonl", [GOOD_ROW, row])
+    code, _, _ = run(capsys, "validate", recipe(workspace))
+    assert code == 0  # the header alone reads fine
+    code, out, _ = run(capsys, "validate", recipe(workspace), "--decode")
+    assert code == 2 and "train.jsonl:2: image cannot be decoded" in out

@@ -27,11 +27,11 @@ def inspect(recipe, num: int = 3, index: int | None = None):
     return _inspect(recipe, num=num, index=index)
 
 
-def validate(recipe):
+def validate(recipe, decode_images: bool = False):
     """Check every data row without a GPU; returns a ValidationReport (`.ok`, `.render()`)."""
     from .validation import validate as _validate
 
-    return _validate(recipe)
+    return _validate(recipe, decode_images=decode_images)
 
 
 def predict(model, images=None, prompt=None, data=None, out=None, **kwargs):

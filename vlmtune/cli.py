@@ -35,7 +35,7 @@ def cmd_sft(args) -> int:
 def cmd_validate(args) -> int:
     from .validation import validate
 
-    report = validate(_recipe(args))
+    report = validate(_recipe(args), decode_images=args.decode)
     print(f"recipe OK: {args.recipe} (family {report.family})")
     print(report.render())
     return 0 if report.ok else 2
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if name == "validate":
+            p.add_argument("--decode", action="store_true",
+                           help="decode every image in full (slower): also finds truncated or corrupt pixel data")
         if name == "inspect":
             p.add_argument("--num", type=int, default=3, help="how many samples (default 3)")
             p.add_argument("--index", type=int, default=None, help="show only the sample at this 0-based row index")

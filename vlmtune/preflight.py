@@ -40,7 +40,8 @@ def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
     return model_config, family, Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
 
 
-def check_data(recipe: Recipe, family: Family, formatter: Formatter) -> tuple[dict[str, PreparedData], list[str]]:
+def check_data(recipe: Recipe, family: Family, formatter: Formatter,
+               decode_images: bool = False) -> tuple[dict[str, PreparedData], list[str]]:
     """Every data split read and formatted, and the problems that would stop training."""
     d = recipe.data
     problems: list[str] = []
@@ -50,7 +51,7 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter) -> tuple[di
         if not path:
             continue
         data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                       desc=f"checking {split} data", read_options=reader_options(d))
+                       desc=f"checking {split} data", read_options=reader_options(d), decode_images=decode_images)
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.examples and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")

@@ -52,8 +52,9 @@ def length_summary(data: PreparedData) -> str:
             f"supervised fraction {frac:.1%}; dropped {len(data.dropped)}; duplicates {len(data.duplicates)}")
 
 
-def validate(recipe: Recipe) -> ValidationReport:
-    """Read, check and format every row of every split (no weights loaded)."""
+def validate(recipe: Recipe, decode_images: bool = False) -> ValidationReport:
+    """Read, check and format every row of every split (no weights loaded); `decode_images` decodes every
+    image in full, which also finds files whose header is fine but whose pixels are not."""
     _, family, formatter = formatting_for(recipe)
-    splits, problems = check_data(recipe, family, formatter)
+    splits, problems = check_data(recipe, family, formatter, decode_images)
     return ValidationReport(splits, problems, family.name)

@@ -35,7 +35,7 @@ def _load(path: str, source: str):
     try:
         return load_rgb(path)
     except ImageProblem as e:
-        raise VlmtuneError(f"{source}: {e}; fix or remove the file (vlmtune validate reads headers only)") from None
+        raise VlmtuneError(f"{source}: {e}; fix or remove the file (`vlmtune validate --decode` finds every such file)") from None
 
 
 class VisionTransform:

@@ -15,7 +15,7 @@ from ..families import Family
 from .conversation import Conversation
 from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
-from .images import ImageProblem, image_size
+from .images import ImageProblem, image_size, load_rgb
 from .pixels import bounds_of, set_bounds
 from .video import VideoClip, VideoInfo, describe, frame_settings, probe, sample_indices, sampled_fps
 
@@ -90,25 +90,28 @@ class PreparedData:
 
 
 def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
-              max_length: int, on_overlong: str = "drop", read_options: dict | None = None) -> Iterator[RowResult]:
+              max_length: int, on_overlong: str = "drop", read_options: dict | None = None,
+              decode_images: bool = False) -> Iterator[RowResult]:
     """Each row of a data file, read, checked and formatted; problems become values, never exceptions.
 
-    `read_options`: the other keyword arguments of `formats.read_rows` (see `formats.reader_options`)."""
+    `read_options`: the other keyword arguments of `formats.read_rows` (see `formats.reader_options`).
+    `decode_images`: decode every image in full (slower) instead of reading only its header."""
     sizes: dict[str, tuple[int, int] | ImageProblem] = {}
+    measure = _decoded_size if decode_images else image_size
     for index, item in enumerate(read_rows(Path(path), fmt, image_root, **(read_options or {}))):
         if isinstance(item, RowProblem):
             yield RowResult(index, problem=item)
             continue
-        yield _row(index, item, formatter, family, sizes, max_length, on_overlong)
+        yield _row(index, item, formatter, family, sizes, max_length, on_overlong, measure)
 
 
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
-            read_options: dict | None = None) -> PreparedData:
+            read_options: dict | None = None, decode_images: bool = False) -> PreparedData:
     """Read and format a whole data file; problems are collected with file and row."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
-    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options)
+    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options, decode_images)
     for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1
         if result.problem is not None:
@@ -125,13 +128,17 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
     return out
 
 
+def _decoded_size(path: Path) -> tuple[int, int]:
+    return load_rgb(path).size
+
+
 def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, sizes: dict, max_length: int,
-         on_overlong: str) -> RowResult:
+         on_overlong: str, measure=image_size) -> RowResult:
     dims = []
     for ref in conv.images:
         if ref not in sizes:
             try:
-                sizes[ref] = image_size(Path(ref))
+                sizes[ref] = measure(Path(ref))
             except ImageProblem as e:
                 sizes[ref] = e
         if isinstance(sizes[ref], ImageProblem):
