@@ -14,13 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 t_start=$(date +%s)
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  echo "note: no .whl/ here; using the installed packages as they are" >&2
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/device_env.sh
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-bench/results}
 WORK=${BENCH_WORK:-/tmp/vlmtune-bench}

@@ -65,6 +65,24 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def reference_processor():
+    """name -> AutoProcessor of a real model's files in ../shared/reference (the test skips when absent)."""
+    from transformers import AutoProcessor
+
+    cache = {}
+
+    def get(name: str):
+        ref = REFERENCE / name
+        if not ref.is_dir():
+            pytest.skip("../shared/reference is not present")
+        if name not in cache:
+            cache[name] = AutoProcessor.from_pretrained(ref)
+        return cache[name]
+
+    return get
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     import json
 

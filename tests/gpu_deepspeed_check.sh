@@ -6,13 +6,7 @@
 #     bash tests/gpu_deepspeed_check.sh          # writes $OUT/gpu-deepspeed-qwen2-vl-2b.json (or bench/results/)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  echo "note: no .whl/ here; using the installed packages as they are" >&2
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || true
 python3 -c "import deepspeed, torch; print('deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count())" || exit 1
 RESULTS=${OUT:-bench/results}

@@ -198,13 +198,8 @@ def test_tiny_llama_tokenizer_matches_the_real_pipeline():
 # --- conformance with the real LLaVA-1.5 files ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_llava():
-    ref = REFERENCE / "llava_1_5_7b_hf"
-    if not ref.is_dir():
-        pytest.skip("../shared/reference is not present")
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(ref)
+def real_llava(reference_processor):
+    return reference_processor("llava_1_5_7b_hf")
 
 
 def test_tiny_llava_template_is_the_real_one(real_llava):

@@ -13,7 +13,7 @@ from vlmtune.data.conversation import Conversation, Part, TrainOn, Turn
 from vlmtune.data.formatting import IGNORE_INDEX, FormatError, Formatter, template_messages
 from vlmtune.data.prepare import image_tokens
 
-from .conftest import FAMILIES, REFERENCE
+from .conftest import FAMILIES
 
 
 def conv(*turns, source="test.jsonl:1"):
@@ -241,13 +241,8 @@ def test_generated_conversations_supervise_exactly_the_replies(family_name, proc
 # --- conformance with the real Qwen2.5-VL tokenizer and template ----------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_qwen_processor():
-    ref = REFERENCE / "qwen2_5_vl_7b_instruct"
-    if not ref.is_dir():
-        pytest.skip("../shared/reference is not present")
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(ref)
+def real_qwen_processor(reference_processor):
+    return reference_processor("qwen2_5_vl_7b_instruct")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -377,21 +377,19 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
          "must name at least one module, or be left out for the family default")
     need(d.max_length > 0, "data.max_length", f"must be a positive integer, got {d.max_length}")
-    for key in ("min_pixels", "max_pixels"):
-        v = getattr(d, key)
-        need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
-    if d.min_pixels and d.max_pixels:
-        need(d.min_pixels <= d.max_pixels, "data.min_pixels",
-             f"must not exceed data.max_pixels ({d.min_pixels} > {d.max_pixels})")
+    def pixel_bounds(prefix: str) -> None:  # image and per-frame video bounds follow the same rules
+        lo_px, hi_px = getattr(d, f"{prefix}min_pixels"), getattr(d, f"{prefix}max_pixels")
+        for key, v in ((f"{prefix}min_pixels", lo_px), (f"{prefix}max_pixels", hi_px)):
+            need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
+        if lo_px and hi_px:
+            need(lo_px <= hi_px, f"data.{prefix}min_pixels",
+                 f"must not exceed data.{prefix}max_pixels ({lo_px} > {hi_px})")
+
+    pixel_bounds("")
     need(d.video_fps > 0, "data.video_fps", f"must be a positive number of frames per second, got {d.video_fps}")
     need(d.video_max_frames >= 2, "data.video_max_frames",
          f"must be at least 2 (frames are grouped in pairs), got {d.video_max_frames}")
-    for key in ("video_min_pixels", "video_max_pixels"):
-        v = getattr(d, key)
-        need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
-    if d.video_min_pixels and d.video_max_pixels:
-        need(d.video_min_pixels <= d.video_max_pixels, "data.video_min_pixels",
-             f"must not exceed data.video_max_pixels ({d.video_min_pixels} > {d.video_max_pixels})")
+    pixel_bounds("video_")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train), "data.train", "is required: the path of the training data file (JSONL)")
     errs.extend(_columns_errors(d.columns, d.format))
