@@ -66,6 +66,10 @@ class DataConfig:
     system_prompt: str | None = None
     on_overlong: str = "drop"  # drop | error | shrink_images
     num_workers: int | None = None  # DataLoader workers decoding images; None: chosen from the CPU count
+    check_images: str = "auto"  # auto | decode | header: decode every image before training, or read headers only
+    max_image_pixels: int = 178_956_970  # larger images (width x height) are refused: decompression-bomb guard
+    max_bad_samples: int = 10  # samples that fail to load mid-run are skipped up to this many; 0: stop on the first
+    max_row_bytes: int = 16 * 2**20  # a data row (a JSONL line, a JSON item) larger than this is refused unread
 
 
 @dataclass
@@ -91,6 +95,7 @@ class TrainConfig:
     use_cpu: bool = False
     resume_from_checkpoint: str | None = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint folder
     group_by_length: bool = False  # batches of similar lengths: less padding, a little less randomness
+    max_nonfinite_steps: int = 3  # stop (saving nothing non-finite) after this many steps with a NaN/inf loss or grad
 
 
 @dataclass
@@ -133,6 +138,7 @@ CHOICES = {
     "data.format": FORMATS,
     "data.train_on": tuple(t.value for t in TrainOn),
     "data.on_overlong": ("drop", "error", "shrink_images"),
+    "data.check_images": ("auto", "decode", "header"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                                 "polynomial", "inverse_sqrt"),
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
