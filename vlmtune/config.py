@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +154,73 @@ ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float
                                      "zero3-offload": "zero3_offload", "zero-3-offload": "zero3_offload"}}
 
 
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric field allows: [low, high] (either end open or absent), plus a few special values."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()  # values allowed outside the range (max_steps: -1)
+    meaning: str = ""  # what an edge or special value means, shown in the message
+
+    def allows(self, v) -> bool:
+        if v in self.also:
+            return True
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        if self.high is not None and self.low is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        elif integer and self.low == 1 and not self.low_open:
+            text = "a positive integer"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return " or ".join([*(str(a) for a in self.also), text])
+
+    def problem(self, v, integer: bool) -> str | None:
+        """The message for a value outside the range (non-finite included), None for one inside."""
+        why = f"; {self.meaning}" if self.meaning else ""
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number ({self.describe(integer)}), got {v}{why}"
+        return None if self.allows(v) else f"must be {self.describe(integer)}, got {v}{why}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE, NON_NEGATIVE, PATCH = Bound(0, low_open=True), Bound(0), Bound(28 * 28, meaning="one 28x28 patch")
+COUNT = Bound(1)  # a positive integer
+BOUNDS = {  # every int and float field of the schema: tests/test_config.py fails on a field missing here
+    "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": Bound(0, 1, high_open=True),
+    "data.max_length": COUNT, "data.min_pixels": PATCH, "data.max_pixels": PATCH,
+    "data.video_fps": Bound(0, low_open=True, meaning="frames sampled per second"),
+    "data.video_max_frames": Bound(2, meaning="frames are grouped in pairs"),
+    "data.video_min_pixels": PATCH, "data.video_max_pixels": PATCH, "data.num_workers": NON_NEGATIVE,
+    "data.max_image_pixels": COUNT, "data.max_bad_samples": Bound(0, meaning="0 stops on the first bad sample"),
+    "data.max_row_bytes": COUNT,
+    "train.num_train_epochs": NON_NEGATIVE,
+    "train.max_steps": Bound(1, also=(-1,), meaning="-1 trains for num_train_epochs"),
+    "train.per_device_train_batch_size": COUNT, "train.per_device_eval_batch_size": COUNT,
+    "train.gradient_accumulation_steps": COUNT, "train.learning_rate": POSITIVE, "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_ratio": Bound(0, 1, high_open=True),
+    "train.max_grad_norm": Bound(0, meaning="0 turns gradient clipping off"),
+    "train.logging_steps": COUNT, "train.save_steps": COUNT,
+    "train.save_total_limit": Bound(1, meaning="null keeps every checkpoint"), "train.eval_steps": COUNT,
+    "train.seed": Bound(0, 2**32 - 1), "train.max_nonfinite_steps": COUNT,
+    "distributed.num_processes": COUNT, "distributed.num_nodes": COUNT, "distributed.node_rank": NON_NEGATIVE,
+    "distributed.master_port": Bound(1, 65535, meaning="a TCP port"),
+}
+
+
 @dataclass(frozen=True)
 class FieldError:
     path: str
@@ -194,11 +263,11 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
         if not isinstance(raw, dict):
             raise RecipeError([FieldError("", "the recipe must be a mapping of sections (model, data, ...)")], source)
     errors: list[FieldError] = []
+    if source:
+        raw = _paths_resolved("", raw, Path(source).parent)
     raw = apply_overrides(raw, overrides or {}, errors)
     recipe = _build(Recipe, raw, "", errors)
     recipe.source = source
-    if source:
-        _resolve_relative_paths(recipe, Path(source).parent)
     errors.extend(validate(recipe, check_paths=check_paths))
     if errors:
         raise RecipeError(errors, source)
@@ -223,6 +292,7 @@ def apply_overrides(raw: dict, overrides: dict | list[str], errors: list[FieldEr
                                          f"e.g. {key.strip()}='{value}'"))
         items = parsed
     for key, value in items:
+        value = _paths_resolved(key, value, Path.cwd())  # a path typed on the command line: where it was typed
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -246,9 +316,7 @@ def _build(cls, raw: object, prefix: str, errors: list[FieldError]):
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
-            errors.append(FieldError(path, f"unknown key{hint}"))
+            errors.append(FieldError(path, f"unknown key; {_unknown_key_hint(str(key), prefix, list(fields))}"))
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -261,6 +329,19 @@ def _build(cls, raw: object, prefix: str, errors: list[FieldError]):
             continue
         values[key] = converted
     return cls(**values)
+
+
+def _unknown_key_hint(key: str, prefix: str, known: list[str]) -> str:
+    """Where the key belongs: the same name in another section, else a close spelling here, else anywhere."""
+    elsewhere = [p for p in schema() if p.rpartition(".")[2] == key]
+    if elsewhere:
+        return f"did you mean {' or '.join(elsewhere)}?"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    names = {p.rpartition(".")[2]: p for p in schema()}
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)
+    return f"did you mean {names[close[0]]}?" if close else f"known keys: {', '.join(known)}"
 
 
 def _convert(value, hint):
@@ -338,20 +419,72 @@ def _hashable(value) -> bool:
         return False
 
 
-def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
-    """Data paths in a recipe file are relative to the recipe, unless they exist relative to the working dir."""
-    data = recipe.data
-    for name in ("train", "eval", "image_root"):
-        value = getattr(data, name)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(data, name, os.path.normpath(base / value))
-    dist = recipe.distributed
-    for name in ("deepspeed", "hostfile"):  # a DeepSpeed JSON config or hostfile next to the recipe
-        value = getattr(dist, name)
-        if not value or (name == "deepspeed" and not value.endswith(".json")):
+@functools.lru_cache(maxsize=1)
+def schema() -> dict[str, object]:
+    """Every dotted path of the recipe, sections and fields, mapped to its type hint, in the order written."""
+    out: dict[str, object] = {}
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("internal"):
+                out[prefix + f.name] = hints[f.name]
+                if dataclasses.is_dataclass(hints[f.name]):
+                    walk(hints[f.name], f"{prefix}{f.name}.")
+
+    walk(Recipe, "")
+    return out
+
+
+def numeric_fields() -> dict[str, type]:
+    """Dotted path -> int or float, for every number field of the recipe (optional ones included)."""
+    out = {}
+    for path, hint in schema().items():
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if len(kinds) == 1 and kinds[0] in (int, float):
+            out[path] = kinds[0]
+    return out
+
+
+def _number_errors(recipe: Recipe) -> list[FieldError]:
+    """Each number field against its BOUNDS entry: finite and in range."""
+    errs = []
+    for path, kind in numeric_fields().items():
+        section, _, key = path.rpartition(".")
+        value = getattr(getattr(recipe, section) if section else recipe, key)
+        if value is None:
             continue
-        if not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(dist, name, os.path.normpath(base / value))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # a Recipe built in code, not from YAML
+            errs.append(FieldError(path, f"must be {_describe(kind)}, got {_show(value)}"))
+            continue
+        problem = BOUNDS[path].problem(value, kind is int)
+        if problem:
+            errs.append(FieldError(path, problem))
+    return errs
+
+
+PATH_FIELDS = ("model.name_or_path", "data.train", "data.eval", "data.image_root", "train.resume_from_checkpoint",
+               "distributed.deepspeed", "distributed.hostfile", "output_dir")
+
+
+def _paths_resolved(key: str, value, base: Path):
+    """`value` as set at dotted `key`, with every path field in it made absolute against `base`.
+
+    The one rule: a relative path in a recipe file is relative to that file's folder, one given as an override
+    is relative to the working directory (data_templates/README.md, "Paths").
+    """
+    if isinstance(value, dict):
+        return {k: _paths_resolved(f"{key}.{k}" if key else str(k), v, base) for k, v in value.items()}
+    if key not in PATH_FIELDS or not isinstance(value, str) or not value:
+        return value
+    if key == "distributed.deepspeed" and not value.endswith(".json"):
+        return value  # none or a preset name
+    if key == "train.resume_from_checkpoint" and value == "latest":
+        return value
+    if key == "model.name_or_path" and not (value in (".", "..") or value.startswith(("./", "../", "~", "/"))
+                                            or (base / value).exists()):
+        return value  # a Hugging Face id (org/name) or builtin:NAME
+    return os.path.abspath(base / os.path.expanduser(value))
 
 
 def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
@@ -369,6 +502,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             need(False, path, f"must be one of {', '.join(choices)}, got {_show(value)}{hint}")
+    errs.extend(_number_errors(recipe))
 
     m, lo, d, t = recipe.model, recipe.lora, recipe.data, recipe.train
     need(bool(m.name_or_path), "model.name_or_path", "is required: a Hugging Face model id, a local model folder, "
@@ -377,26 +511,13 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
 
     need(m.family == "auto" or m.family in families.names(), "model.family",
          f"must be auto or one of {', '.join(families.names())}, got {_show(m.family)}")
-    need(lo.r > 0, "lora.r", f"must be a positive integer, got {lo.r}")
-    need(lo.alpha > 0, "lora.alpha", f"must be a positive number, got {lo.alpha}")
-    need(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
          "must name at least one module, or be left out for the family default")
-    need(d.max_length > 0, "data.max_length", f"must be a positive integer, got {d.max_length}")
-    def pixel_bounds(prefix: str) -> None:  # image and per-frame video bounds follow the same rules
+    for prefix in ("", "video_"):  # image and per-frame video bounds
         lo_px, hi_px = getattr(d, f"{prefix}min_pixels"), getattr(d, f"{prefix}max_pixels")
-        for key, v in ((f"{prefix}min_pixels", lo_px), (f"{prefix}max_pixels", hi_px)):
-            need(v is None or v >= 28 * 28, f"data.{key}", f"must be at least 784 (one 28x28 patch), got {v}")
         if lo_px and hi_px:
             need(lo_px <= hi_px, f"data.{prefix}min_pixels",
                  f"must not exceed data.{prefix}max_pixels ({lo_px} > {hi_px})")
-
-    pixel_bounds("")
-    need(d.video_fps > 0, "data.video_fps", f"must be a positive number of frames per second, got {d.video_fps}")
-    need(d.video_max_frames >= 2, "data.video_max_frames",
-         f"must be at least 2 (frames are grouped in pairs), got {d.video_max_frames}")
-    pixel_bounds("video_")
-    need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train), "data.train", "is required: the path of the training data file (JSONL)")
     errs.extend(_columns_errors(d.columns, d.format))
     if check_paths:
@@ -406,16 +527,8 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
                 need(False, f"data.{key}", f"file not found: {value}")
         if d.image_root and not Path(d.image_root).is_dir():
             need(False, "data.image_root", f"folder not found: {d.image_root}")
-    need(t.num_train_epochs > 0 or t.max_steps > 0, "train.num_train_epochs",
+    need(t.num_train_epochs != 0 or t.max_steps > 0, "train.num_train_epochs",  # other values: BOUNDS
          "must be positive (or set train.max_steps)")
-    need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", f"must be -1 (use epochs) or positive, got {t.max_steps}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_steps"):
-        v = getattr(t, key)
-        need(v > 0, f"train.{key}", f"must be a positive integer, got {v}")
-    need(t.learning_rate > 0, "train.learning_rate", f"must be positive, got {t.learning_rate}")
-    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
-    need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", f"must be positive, got {t.eval_steps}")
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
     need(bool(recipe.output_dir), "output_dir", "is required")
     errs.extend(_distributed_errors(recipe, check_paths))
@@ -444,14 +557,8 @@ def _distributed_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
                 config = deepspeed_config.load(ds)
             except deepspeed_config.DeepSpeedConfigError as e:
                 errs.append(FieldError("distributed.deepspeed", str(e)))
-    if dist.num_processes is not None and dist.num_processes < 1:
-        errs.append(FieldError("distributed.num_processes", f"must be a positive integer, got {dist.num_processes}"))
-    if dist.num_nodes < 1:
-        errs.append(FieldError("distributed.num_nodes", f"must be a positive integer, got {dist.num_nodes}"))
-    if dist.node_rank is not None and not 0 <= dist.node_rank < max(dist.num_nodes, 1):
+    if dist.node_rank is not None and dist.node_rank >= max(dist.num_nodes, 1):  # below 0: BOUNDS
         errs.append(FieldError("distributed.node_rank", f"must be in [0, num_nodes={dist.num_nodes}), got {dist.node_rank}"))
-    if dist.master_port is not None and not 1 <= dist.master_port <= 65535:
-        errs.append(FieldError("distributed.master_port", f"must be a TCP port (1-65535), got {dist.master_port}"))
     if dist.hostfile:
         if check_paths and not Path(dist.hostfile).expanduser().is_file():
             errs.append(FieldError("distributed.hostfile", f"file not found: {dist.hostfile}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from collections import defaultdict
@@ -67,6 +68,10 @@ def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None
     try:
         config = load_model_config(recipe)
     except (OSError, ValueError) as e:
+        if not m.trust_remote_code and _needs_remote_code(m.name_or_path, e):
+            return [FieldError("model.name_or_path", f"{m.name_or_path} is loaded by its own Python code (config.json "
+                               "auto_map), not by transformers: set model.trust_remote_code: true to load it (this "
+                               "runs the Python code in that folder/repo; read it first)")], None, None
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         return [FieldError("model.name_or_path", f"cannot read the model config of {m.name_or_path!r}: {first}. "
                            "Give a local model folder or a Hugging Face id that is reachable (or cached)")], None, None
@@ -79,6 +84,17 @@ def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None
                                f"{config.model_type!r}; use auto"))
     errs.extend(check_runtime(recipe, family))
     return errs, config, family
+
+
+def _needs_remote_code(name_or_path: str, error: Exception) -> bool:
+    """Whether loading failed for want of trust_remote_code: transformers says so, or config.json has auto_map."""
+    if "trust_remote_code" in str(error):
+        return True
+    try:
+        config = json.loads((Path(name_or_path).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no local config.json, or not JSON: nothing says it needs remote code
+        return False
+    return isinstance(config, dict) and "auto_map" in config
 
 
 def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
