@@ -85,6 +85,9 @@ BAD_ROWS = [
     ("not json", "train.jsonl:2: not valid JSON"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "train.jsonl:2: no assistant message"),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
+                   {"role": "assistant", "content": "x"}]}, "train.jsonl:2: message 0 part 0: an audio part, but no "
+                                                            "model family vlmtune trains takes audio"),
+    ({"messages": [{"role": "user", "content": [{"type": "sticker", "sticker": "s.png"}]},
                    {"role": "assistant", "content": "x"}]}, "train.jsonl:2: message 0 part 0: unknown content part"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "image": "images/nope.png"}]},
                    {"role": "assistant", "content": "x"}]}, "train.jsonl:2: image not found"),

@@ -22,7 +22,7 @@ class ValidationReport:
     def render(self, limit: int = 200) -> str:
         lines = []
         for split, data in self.splits.items():
-            warnings = [f"  warning: {p}" for p in data.duplicates[:limit]]
+            warnings = [f"  warning: {p}" for p in [*data.warnings, *data.duplicates][:limit]]
             warnings += [f"  dropped: {p}" for p in data.dropped[:limit]]
             lines.append(f"{split}: {data.summary().splitlines()[0]}")
             lines.append("  " + length_summary(data))

@@ -50,6 +50,7 @@ class Conversation:
     turns: list[Turn]
     source: str = ""  # "file.jsonl:row 12" for messages that name the sample
     meta: dict = field(default_factory=dict)
+    tools: list[dict] = field(default_factory=list)  # tool definitions, passed to the chat template as `tools`
 
     @property
     def images(self) -> list[str]:
@@ -64,6 +65,10 @@ class Conversation:
         out = []
         if not self.turns:
             return ["the conversation has no messages"]
+        first = next((i for i, t in enumerate(self.turns) if t.role != "system"), None)
+        if first is not None and self.turns[first].role == "assistant":  # a reply to no prompt
+            out.append(f"message {first}: the conversation starts with an assistant reply; the first message "
+                       "after the optional system message must be the user's")
         for i, turn in enumerate(self.turns):
             if turn.role not in ROLES:
                 out.append(f"message {i}: unknown role {turn.role!r} (expected one of {', '.join(ROLES)})")

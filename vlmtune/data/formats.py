@@ -7,14 +7,14 @@ the layout's field names to other column / key names, e.g. `{image: img, questio
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .conversation import Conversation
 from .images import ImageResolver
 from .readers import caption, llava, messages, sharegpt, sources, vqa
-from .readers.common import DEFAULT_CAPTION_PROMPT, Options, Row, RowError
+from .readers.common import DEFAULT_CAPTION_PROMPT, Options, Row, RowError, Unused
 
 READERS = {"messages": messages, "llava": llava, "sharegpt": sharegpt, "vqa": vqa, "caption": caption}
 FORMATS = tuple(READERS)
@@ -28,6 +28,7 @@ class RowProblem:
     file: str
     row: int  # 1-based: the line of a JSONL file, the item of a JSON array, the row of a table
     message: str
+    unreadable: bool = False  # the container refused it (bad JSON, a missing column...), not the row layout
 
     def __str__(self) -> str:
         return f"{self.file}:{self.row}: {self.message}"
@@ -41,8 +42,11 @@ def reader_options(data) -> dict:
 
 def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
               caption_prompt: str = DEFAULT_CAPTION_PROMPT, columns: dict[str, str] | None = None,
-              allow_urls: bool = False) -> Iterator[Conversation | RowProblem]:
-    """Each row of a data source as a Conversation (images as local path strings), or a RowProblem."""
+              allow_urls: bool = False,
+              warn: Callable[[RowProblem], None] | None = None) -> Iterator[Conversation | RowProblem]:
+    """Each row of a data source as a Conversation (images as local path strings), or a RowProblem.
+
+    `warn` receives, once per file, each column (message key, part key) that the layout does not read."""
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; supported: {', '.join(FORMATS)}")
     reader, path = READERS[fmt], Path(path)
@@ -50,14 +54,21 @@ def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
     wanted = {columns.get(f, f): f for f in reader.REQUIRED} | {src: f for f, src in columns.items()}
     resolve = ImageResolver(sources.base_dir(path), image_root, allow_urls)
     options = Options(caption_prompt=caption_prompt)
+    unused = Unused(fmt, FIELDS[fmt], columns)
     for number, unit, raw in sources.rows(path, wanted):
         where = f"{unit} {number}: " if unit else ""
+        row = problem = None
         try:
             if isinstance(raw, RowError):
                 raise raw
-            conv = reader.read(_mapped(raw, columns), resolve, options)
+            row = _mapped(raw, columns)
+            conv = reader.read(row, resolve, options)
         except RowError as e:
-            yield RowProblem(str(path), number, where + str(e))
+            problem = RowProblem(str(path), number, where + str(e), unreadable=isinstance(raw, RowError))
+        if warn is not None and row is not None and (note := unused.new(raw, row)):
+            warn(RowProblem(str(path), number, where + note))
+        if problem is not None:
+            yield problem
             continue
         conv.source = f"{path}:{number}"
         yield conv

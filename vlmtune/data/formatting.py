@@ -88,13 +88,12 @@ class Formatter:
                               "but the tokenizer has no eos_token")
         self.affixes = special_affixes(self.tokenizer)
 
-    def render(self, turns: list[Turn], add_generation_prompt: bool) -> str:
+    def render(self, turns: list[Turn], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         import jinja2
 
         try:
-            return self.processor.apply_chat_template(
-                template_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            return self.processor.apply_chat_template(template_messages(turns), tools=tools or None, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:
             raise FormatError(f"the chat template refuses this conversation: {e}") from None
 
@@ -113,14 +112,18 @@ class Formatter:
     def pieces(self, conv: Conversation) -> list[Piece]:
         """The rendered conversation cut into prompt, reply, end-token and trailing pieces, in order."""
         turns = self.with_system_prompt(conv)
+        tools = self._tools(conv, turns)
         selected = self._selected_replies(turns)
         pieces: list[Piece] = []
         done = ""
         for i, turn in enumerate(turns):
             if turn.role != "assistant":
                 continue
-            prompt = self.render(turns[:i], add_generation_prompt=True)
-            full = self.render(turns[: i + 1], add_generation_prompt=False)
+            if i == 0:  # the template would be asked to render an empty prompt
+                raise FormatError(f"{conv.source}: message 0: the conversation starts with an assistant reply; "
+                                  "it must start with a user message")
+            prompt = self.render(turns[:i], add_generation_prompt=True, tools=tools)
+            full = self.render(turns[: i + 1], add_generation_prompt=False, tools=tools)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise FormatError(f"{conv.source}: the chat template does not render turn {i} as a continuation "
                                   "of the turns before it, so the reply cannot be located")
@@ -134,11 +137,21 @@ class Formatter:
             pieces.append(Piece(end, train))
             pieces.append(Piece(tail[len(end):], False))
             done = full
-        rest = self.render(turns, add_generation_prompt=False)
+        rest = self.render(turns, add_generation_prompt=False, tools=tools)
         pieces.append(Piece(rest[len(done):], False))
         if self.train_on is TrainOn.ALL:
             pieces = [replace(p, supervised=True) for p in pieces]
         return [p for p in pieces if p.text or p.eos_after]
+
+    def _tools(self, conv: Conversation, turns: list[Turn]) -> list[dict] | None:
+        """The row's tool definitions, or FormatError where this chat template would silently drop them."""
+        if not conv.tools:
+            return None
+        if self.render(turns, False, conv.tools) == self.render(turns, False):
+            raise FormatError(f'{conv.source}: the row gives "tools", but the chat template of this model (family '
+                              f"{self.family.name}) does not render tools, so they would be lost; remove \"tools\" "
+                              "from the row, or train a model whose chat template renders them")
+        return conv.tools
 
     def _selected_replies(self, turns: list[Turn]) -> set[int]:
         replies = [i for i, t in enumerate(turns) if t.role == "assistant" and t.train]

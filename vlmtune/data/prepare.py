@@ -56,6 +56,7 @@ class PreparedData:
     problems: list[RowProblem] = field(default_factory=list)  # rows that stop training
     dropped: list[RowProblem] = field(default_factory=list)  # rows left out (too long)
     duplicates: list[RowProblem] = field(default_factory=list)  # rows equal to an earlier row (kept)
+    warnings: list[RowProblem] = field(default_factory=list)  # columns or keys no reader used, once per file
     rows: int = 0
     shrunk: int = 0
 
@@ -75,12 +76,26 @@ class PreparedData:
     def num_videos(self) -> int:
         return sum(len(e.videos) for e in self.examples)
 
+    @property
+    def refused(self) -> RowProblem | None:
+        """The problem, when the whole source was refused before any row could be read (bad JSON, a missing column)."""
+        if self.rows == 1 and not self.examples and len(self.problems) == 1 and self.problems[0].unreadable:
+            return self.problems[0]
+        return None
+
     def summary(self) -> str:
+        if (p := self.refused) is not None:
+            message = p.message.removeprefix(f"row {p.row}: ").removeprefix(f"item {p.row}: ")
+            return f"{p.file} could not be read, so there are no examples: {message}"
         tokens = self.num_tokens
         frac = self.num_supervised / tokens if tokens else 0.0
         videos = f"{self.num_videos} videos, " if self.num_videos else ""
         lines = [f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, {videos}"
                  f"{tokens} tokens ({frac:.1%} supervised)"]
+        if self.rows and not self.examples:
+            lines[0] = (f"{self.rows} rows and none usable: {len(self.problems)} with problems, "
+                        f"{len(self.dropped)} too long")
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.shrunk:
             lines.append(f"{self.shrunk} rows had their images shrunk to fit data.max_length")
         if self.dropped:
@@ -111,6 +126,7 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
     """Read and format a whole data file; problems are collected with file and row."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
+    read_options = {**(read_options or {}), "warn": out.warnings.append}
     rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options, decode_images)
     for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1

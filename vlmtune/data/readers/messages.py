@@ -1,106 +1,107 @@
-"""`messages` rows (OpenAI-style typed parts): `{"messages": [{"role", "content": str | [parts]}], "images"?: [...]}`.
+"""`messages` rows (typed parts): `{"messages": [{"role", "content": str | [parts]}], "images"?: [...], "videos"?: [...]}`.
 
-An image part names its image (`"image"`, `"path"` or `"image_url"`), or leaves it out and takes one from
-the row's `"images"` list: by `"index"` when given, else the next in order (the layout of many Hugging
-Face datasets). A video part names a video file (`{"type": "video", "video": "clip.mp4"}`) or a list of
-frame images (`"video": ["f0.jpg", "f1.jpg", ...]`), resolved like image paths.
+A content part is text, an image or a video in the forms users copy from other tools (see PART_FORMS). An image
+(video) part that names no file takes one from the row's `"images"` (`"videos"`) list: by `"index"` when given,
+else the next in order (the layout of many Hugging Face datasets); so does each `<image>` (`<video>`) tag in
+a text (ms-swift's layout). A video is a file (`"clip.mp4"`) or a list of frame images, resolved like image paths.
+Row-level `"system"` is the system prompt, `"tools"` go to the chat template.
 """
 
 from __future__ import annotations
 
 from ..conversation import Conversation, Part, Turn
 from ..images import ImageProblem
-from .common import Options, Resolve, RowError, finish, image_refs, resolve_all, train_flag
+from .common import (
+    NO_AUDIO,
+    TRAIN_KEYS,
+    Options,
+    Pool,
+    Resolve,
+    RowError,
+    finish,
+    media_pools,
+    note_unused,
+    refuse_tool_calls,
+    role_of,
+    split_tags,
+    tools_of,
+    train_flag,
+    video_ref,
+    with_row_system,
+)
 
 REQUIRED = ("messages",)
-OPTIONAL = ("images",)
+OPTIONAL = ("images", "videos", "audios", "system", "tools")
+
+# part type -> the keys that may hold its file, in the order they are looked at
+IMAGE_KEYS = {"image": ("image", "path", "url", "base64"), "image_url": ("image_url", "value")}
+VIDEO_KEYS = {"video": ("video", "path", "url"), "video_url": ("video_url", "value")}
+AUDIO_TYPES = ("audio", "input_audio", "audio_url")
+PART_FORMS = ('{"type": "text", "text": ...}, {"type": "image", "image" | "path" | "url" | "base64": ...}, '
+              '{"type": "image_url", "image_url": {"url": ...}} (or "value": ...), '
+              '{"type": "video", "video" | "path" | "url": "clip.mp4" | ["frame0.jpg", ...]}')
+MESSAGE_KEYS = ("role", "content", *TRAIN_KEYS)
 
 
 def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
         raise RowError('expected an object with a "messages" list, e.g. '
                        '{"messages": [{"role": "user", "content": [...]}, {"role": "assistant", ...}]}')
-    pool = _Pool(image_refs(row.get("images"), "images"), resolve)
+    pools = media_pools(row, resolve, images="images", videos="videos")
     turns = []
     for i, msg in enumerate(row["messages"]):
         if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
+            refuse_tool_calls(msg if isinstance(msg, dict) else {}, i)
             raise RowError(f'message {i}: expected an object with "role" and "content"')
-        turns.append(Turn(role=msg["role"], parts=_parts(msg["content"], i, resolve, pool), train=train_flag(msg, i)))
-    pool.check_all_used()
-    return finish(turns)
+        refuse_tool_calls(msg, i)
+        note_unused(row, msg, MESSAGE_KEYS, "message")
+        role = role_of(msg["role"], i)
+        turns.append(Turn(role, _parts(row, msg["content"], i, resolve, pools), train=train_flag(msg, i)))
+    for pool in pools.values():
+        pool.check_all_used()
+    return finish(with_row_system(row, turns), tools=tools_of(row))
 
 
-class _Pool:
-    """The row's `"images"` list, handed out to image parts that do not name their image."""
-
-    def __init__(self, refs: list, resolve: Resolve):
-        self.refs = refs
-        self.paths = resolve_all(refs, resolve, "images") if refs else []
-        self.used: list[int] = []
-
-    def take(self, index: object, where: str) -> str:
-        """The image at `index`, or else the first one no part has taken yet."""
-        if isinstance(index, int) and not isinstance(index, bool):
-            k = index
-        else:
-            k = next((n for n in range(len(self.paths)) if n not in self.used), len(self.paths))
-        if not 0 <= k < len(self.paths):
-            raise RowError(f'{where}: an image part without an image, but "images" has no image {k} '
-                           f"({len(self.paths)} given)")
-        if k in self.used:
-            raise RowError(f'{where}: image {k} of "images" is used twice')
-        self.used.append(k)
-        return self.paths[k]
-
-    def check_all_used(self) -> None:
-        if sorted(self.used) != list(range(len(self.paths))):
-            raise RowError(f'{len(self.used)} image parts without their own image but {len(self.paths)} images '
-                           'in "images"')
-
-
-def _parts(content: object, i: int, resolve: Resolve, pool: _Pool) -> list[Part]:
+def _parts(row: dict, content: object, i: int, resolve: Resolve, pools: dict[str, Pool]) -> list[Part]:
     if isinstance(content, str):
-        return [Part(type="text", text=content)]
+        return split_tags(content, pools, f"message {i}")
     if not isinstance(content, list):
         raise RowError(f"message {i}: content must be a string or a list of typed parts")
     parts = []
     for j, part in enumerate(content):
+        where = f"message {i} part {j}"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append(Part(type="text", text=part["text"]))
-        elif kind in ("image", "image_url"):
-            ref = part.get("image") if part.get("image") is not None else part.get("path")
-            if kind == "image_url":
-                url = part.get("image_url")
-                ref = url.get("url") if isinstance(url, dict) else url
-            if ref is None:
-                parts.append(Part(type="image", image=pool.take(part.get("index"), f"message {i} part {j}")))
-                continue
-            try:
-                parts.append(Part(type="image", image=resolve(ref)))
-            except ImageProblem as e:
-                raise RowError(f"message {i} part {j}: {e}") from None
-        elif kind == "video":
-            parts.append(Part(type="video", video=_video(part.get("video"), resolve, f"message {i} part {j}")))
+            note_unused(row, part, ("type", "text"), "content part")
+            parts.extend(split_tags(part["text"], pools, where))
+        elif kind in IMAGE_KEYS:
+            parts.append(Part(type="image", image=_media(row, part, IMAGE_KEYS[kind], pools["image"], resolve, where)))
+        elif kind in VIDEO_KEYS:
+            parts.append(Part(type="video", video=_media(row, part, VIDEO_KEYS[kind], pools["video"], resolve, where)))
+        elif kind in AUDIO_TYPES:
+            raise RowError(f"{where}: an {kind} part, but {NO_AUDIO}; leave such rows out or remove the audio")
         else:
-            raise RowError(f"message {i} part {j}: unknown content part {part!r}; expected "
-                           '{"type": "text", "text": ...}, {"type": "image", "image": "path.png"} or '
-                           '{"type": "video", "video": "clip.mp4" | ["frame0.jpg", ...]}')
+            raise RowError(f"{where}: unknown content part {part!r}; expected {PART_FORMS}"[:600])
     return parts
 
 
-def _video(ref: object, resolve: Resolve, where: str) -> str | tuple[str, ...]:
-    """A video file as a local path, or a list of frame images as a tuple of paths."""
-    if isinstance(ref, list):
-        if not ref:
-            raise RowError(f"{where}: a video given as frames needs at least one frame")
-        try:
-            return tuple(resolve(f) for f in ref)
-        except ImageProblem as e:
-            raise RowError(f"{where}: video frame: {e}") from None
-    if not isinstance(ref, str) or not ref.strip() or ref.startswith(("data:", "http://", "https://")):
-        raise RowError(f'{where}: "video" must be a local video file path or a list of frame images, got {ref!r}'
-                       [:300])
+def _media(row: dict, part: dict, keys: tuple[str, ...], pool: Pool, resolve: Resolve, where: str):
+    """The file an image or video part names under one of `keys`, else the next of the row's list."""
+    note_unused(row, part, ("type", "index", *keys), "content part")
+    key = next((k for k in keys if part.get(k) is not None), None)
+    if key is None:
+        strays = [k for k, v in part.items() if v is not None and k not in ("type", "index")]
+        if strays:  # a misspelt key, not a part that means to take from the row's list
+            raise RowError(f'{where}: {pool.kind} part with {", ".join(map(repr, strays))} but no file under '
+                           f'{" / ".join(map(repr, keys))}; expected {PART_FORMS}'[:600])
+        return pool.take(part.get("index"), where, f"{'an' if pool.kind == 'image' else 'a'} {pool.kind} part")
+    ref = part[key]
+    if key in ("image_url", "video_url") and isinstance(ref, dict):
+        ref = ref.get("url")
+    if key == "base64" and isinstance(ref, str) and not ref.startswith("data:"):
+        ref = "data:image/*;base64," + ref  # transformers' bare base64: the format comes from the bytes
+    if pool.kind == "video":
+        return video_ref(ref, resolve, where)
     try:
         return resolve(ref)
     except ImageProblem as e:

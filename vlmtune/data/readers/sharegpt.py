@@ -1,18 +1,56 @@
-"""ShareGPT rows: `{"messages" | "conversations": [{"role"|"from", "content"|"value"}], "images": [...]}`."""
+"""ShareGPT rows, as LLaMA-Factory and ms-swift write them: text with `<image>` / `<video>` tags, media in lists.
+
+- `{"messages" | "conversations": [{"role"|"from": ..., "content"|"value": "<image>..."}], "images": [...],
+  "videos": [...], "system": "...", "tools": [...] | "[json]"}`
+- ms-swift's query-response form: `{"system": ..., "query": "...", "response": "...", "history": [["q1", "r1"], ...]}`
+"""
 
 from __future__ import annotations
 
 from ..conversation import Conversation
-from .common import Options, Resolve, RowError, chat_messages, finish, image_refs, tagged_turns
+from .common import (
+    Options,
+    Resolve,
+    RowError,
+    chat_messages,
+    finish,
+    label,
+    media_pools,
+    tagged_turns,
+    text_field,
+    tools_of,
+    with_row_system,
+)
 
 REQUIRED = ()
-OPTIONAL = ("messages", "conversations", "images")
+OPTIONAL = ("messages", "conversations", "images", "videos", "audios", "system", "tools", "query", "response",
+            "history")
+_FORMS = ("messages", "conversations", "query")
 
 
 def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
-    key = "messages" if row.get("messages") is not None else "conversations"
-    if row.get(key) is None:
-        raise RowError('missing "messages" (or "conversations"): a ShareGPT row is {"messages": [{"role": "user", '
+    given = [key for key in _FORMS if row.get(key) is not None]
+    if not given:
+        raise RowError('missing "messages" (or "conversations") or "query" + "response": a ShareGPT row is {"messages": [{"role": "user", '
                        '"content": "<image>..."}, {"role": "assistant", ...}], "images": ["x.jpg"]}')
-    messages = chat_messages(row[key], key)
-    return finish(tagged_turns(messages, image_refs(row.get("images"), "images"), resolve, "images"))
+    if len(given) > 1:
+        raise RowError(f"the row gives its conversation twice ({' and '.join(map(repr, given))}); keep one")
+    stray = [key for key in ("response", "history") if row.get(key) is not None and given[0] != "query"]
+    if stray:
+        raise RowError(f'"{stray[0]}" belongs to the query-response form, but the row gives "{given[0]}"; '
+                       "write the earlier turns into it instead")
+    messages = _query_response(row) if given[0] == "query" else chat_messages(row, given[0])
+    turns = tagged_turns(messages, media_pools(row, resolve, images="images", videos="videos"))
+    return finish(with_row_system(row, turns), tools=tools_of(row))
+
+
+def _query_response(row: dict) -> list[tuple[str, str, bool]]:
+    """ms-swift's `history` pairs, then `query` and `response`, as (role, text, train) messages."""
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+            for pair in history):
+        raise RowError(f'{label(row, "history")} must be a list of ["query", "response"] pairs of strings, '
+                       f"got {history!r}"[:300])
+    pairs = [*history, (text_field(row, "query"), text_field(row, "response"))]
+    return [(role, text, True) for q, r in pairs for role, text in (("user", q), ("assistant", r))]
