@@ -200,16 +200,23 @@ def test_cli_merges_and_reports_the_parity_check(trained_adapter, tmp_path, caps
     assert f"wrote {tmp_path / 'm'}" in out
 
 
-def test_a_non_empty_output_folder_needs_force(trained_adapter, tmp_path, capsys):
+def test_force_replaces_an_earlier_merge_and_nothing_else(trained_adapter, tmp_path, capsys):
+    adapter = trained_adapter("qwen2_vl")
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run(capsys, "merge-adapter", trained_adapter("qwen2_vl"), "--out", out, "--no-check")
-    assert code == 2 and "is not empty" in err and "--force" in err and "Traceback" not in err
-    assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run(capsys, "merge-adapter", trained_adapter("qwen2_vl"), "--out", out, "--no-check", "--force")
+    for flags in ([], ["--force"]):  # a folder merge-adapter did not write is never replaced, --force or not
+        code, _, err = run(capsys, "merge-adapter", adapter, "--out", out, "--no-check", *flags)
+        assert code == 2 and "is not empty and was not written by merge-adapter" in err and "Traceback" not in err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    merged = tmp_path / "merged"
+    assert run(capsys, "merge-adapter", adapter, "--out", merged, "--no-check")[0] == 0
+    (merged / "stale.txt").write_text("from before")
+    code, _, err = run(capsys, "merge-adapter", adapter, "--out", merged, "--no-check")
+    assert code == 2 and "holds an earlier merge" in err and "--force" in err and (merged / "stale.txt").exists()
+    code, _, err = run(capsys, "merge-adapter", adapter, "--out", merged, "--no-check", "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not (merged / "stale.txt").exists() and (merged / "config.json").is_file()
 
 
 @pytest.mark.parametrize("remove, expected", [

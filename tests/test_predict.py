@@ -193,3 +193,63 @@ def test_predict_defaults_to_the_data_format_the_adapter_was_trained_on(tmp_path
                                                            "caption_prompt": "Say what you see."})
     assert _data_settings(tmp_path, "vqa")[0] == "vqa"
     assert _data_settings(tmp_path / "nothing", None) == ("messages", {"columns": {}})
+
+
+# ---------------------------------------------------------------- --out: checked first, written as it goes
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    import vlmtune.prediction as prediction
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although --out cannot be written")
+
+    monkeypatch.setattr(prediction, "load_for_inference", refuse)
+
+
+@pytest.mark.parametrize("kind, expected", [("folder", "is a folder; give a file name"),
+                                            ("under a file", "cannot write --out")])
+def test_an_unwritable_out_is_refused_before_the_model_loads(data_file, tmp_path, capsys, model_never_loads,
+                                                             kind, expected):
+    if kind == "folder":  # issue 8: failed only after every prediction was made, and all were lost
+        out = tmp_path / "preds"
+        out.mkdir()
+    else:
+        (tmp_path / "file.txt").write_text("mine")
+        out = tmp_path / "file.txt" / "preds.jsonl"
+    code = main(["predict", "builtin:tiny-qwen2-vl", "--data", str(data_file), "--image-root", str(SHAPES),
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and str(out) in err and "Traceback" not in err
+    assert kind == "folder" or (tmp_path / "file.txt").read_text() == "mine"
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_predictions_are_written_as_they_come_and_kept_on_a_crash(merged, data_file, tmp_path, capsys,
+                                                                  monkeypatch):
+    import vlmtune.prediction as prediction
+
+    real, calls = prediction.generate, []
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "generate", crash_on_third_batch)
+    out = tmp_path / "preds.jsonl"
+    kw = dict(data=data_file, image_root=str(SHAPES), max_new_tokens=4, batch_size=3, progress=False, out=out)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        vlmtune.predict(merged, **kw)
+    partial = tmp_path / "preds.jsonl.partial"
+    assert f"the 6 of 8 predictions made before this are in {partial}" in capsys.readouterr().err
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert len(kept) == 6 and all(set(r) == {"row", "prediction", "reference", "source"} for r in kept)
+    assert not out.exists()
+    monkeypatch.setattr(prediction, "generate", real)
+    records = vlmtune.predict(merged, **kw)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records and not partial.exists()
+    by_source = {r["source"]: r["prediction"] for r in records}
+    assert all(by_source[r["source"]] == r["prediction"] for r in kept)  # the kept ones are the real predictions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -85,11 +86,13 @@ def cmd_predict(args) -> int:
 def _add_merge_and_predict(sub) -> None:
     p = sub.add_parser("merge-adapter", help="merge a LoRA adapter into its full-precision base model")
     p.add_argument("adapter", help="adapter folder written by `vlmtune sft`")
-    p.add_argument("--out", required=True, help="output folder for the merged model (must be empty or new)")
+    p.add_argument("--out", required=True,
+                   help="output folder for the merged model (new, empty, or an earlier merge with --force)")
     p.add_argument("--base", help="base model folder or id (default: the one in the adapter's vlmtune.json)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights (default: the base's)")
     p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out that an earlier merge wrote (never any other folder)")
     p.add_argument("--no-check", action="store_true", help="skip the logits parity check against base + adapter")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=cmd_merge_adapter)
@@ -98,7 +101,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
     p.add_argument("--prompt", help="the user's question")
     p.add_argument("--data", help="messages JSONL file: one prediction per row")
-    p.add_argument("--out", help="write predictions as JSONL here")
+    p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")
     p.add_argument("--format", choices=["messages", "llava", "sharegpt", "vqa", "caption"],
                    help="data format of --data (default: the one the adapter was trained on, else messages)")
     p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
@@ -143,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a re-launch under torchrun/deepspeed runs again
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, rather than at interpreter exit
+        return code
+    except BrokenPipeError:  # `vlmtune inspect ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs on SIGPIPE advise
+        return 141
     except (RecipeError, VlmtuneError) as e:
         if args.debug:
             traceback.print_exc()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import families, merge_folder
+from . import merge_folder
 from .errors import VlmtuneError
 from .merge_io import (
     ShardWriter,
@@ -31,8 +31,7 @@ from .merge_io import (
 )
 from .merge_lora import BaseLayout, Edit, base_layout, plan_edits, read_adapter
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+BASE = "the base model folder"
 
 
 @dataclass
@@ -50,11 +49,13 @@ def merge_adapter(adapter_dir, out, base: str | None = None, dtype: str | None =
     """Merge the adapter in `adapter_dir` into its base and write a standalone model folder at `out`."""
     adapter_dir, out = Path(adapter_dir), Path(out)
     meta = merge_folder.check_adapter_folder(adapter_dir, base)
-    merge_folder.check_out(out, adapter_dir, force)
+    base_ref = base or meta["base_model"]
+    local = merge_folder.local_base(base_ref)  # a base still to be fetched is checked once it is here
+    merge_folder.check_out(out, {"the adapter folder": adapter_dir, **({BASE: local} if local else {})}, force)
     max_shard = parse_size(shard_size)
     out_dtype = _dtype(dtype)
-    base_ref = base or meta["base_model"]
-    base_dir = locate_base(base_ref)
+    base_dir = merge_folder.locate_base(base_ref)
+    merge_folder.check_apart(out, base_dir, BASE)
     config, family = _base_config(base_dir, base_ref, meta)
     tensors = read_checkpoint_index(base_dir)
     adapter = read_adapter(adapter_dir)
@@ -74,6 +75,7 @@ def merge_adapter(adapter_dir, out, base: str | None = None, dtype: str | None =
                      "stores them separately (tie_word_embeddings: false)")
     for note in notes:
         log("note: " + note)
+    merge_folder.remove_leftovers(out, log)
     merge_folder.check_disk(out.parent, total)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     try:
@@ -104,28 +106,9 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     try:
-        return DTYPES[name]
+        return merge_folder.DTYPES[name]
     except KeyError:
         raise VlmtuneError(f"--dtype must be bf16, fp16 or fp32, got {name!r}") from None
-
-
-def locate_base(ref: str) -> Path:
-    """A local folder for a base model: builtin names, folders, or a Hugging Face id already in the cache."""
-    from .modeling import resolve_model_path
-
-    path = Path(resolve_model_path(ref)).expanduser()
-    if path.is_dir():
-        return path
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise VlmtuneError(f"base model folder not found: {ref}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure means: not available here
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise VlmtuneError(f"cannot find the base model {ref!r} locally or on the hub ({first}); "
-                           "give a local folder with --base") from None
 
 
 def _base_config(base_dir: Path, base_ref: str, meta: dict):
@@ -138,14 +121,7 @@ def _base_config(base_dir: Path, base_ref: str, meta: dict):
     if getattr(config, "quantization_config", None):
         raise VlmtuneError(f"the base model {base_ref} is stored quantized; merge into the full-precision "
                            "base model (give it with --base)")
-    try:
-        family = families.get(meta["family"]) if meta.get("family") else families.for_model_type(config.model_type)
-    except families.UnknownFamilyError as e:
-        raise VlmtuneError(str(e)) from None
-    if config.model_type not in family.model_types:
-        raise VlmtuneError(f"the base model {base_ref} is a {config.model_type} model but the adapter was trained "
-                           f"on the {family.name} family; give the right base with --base")
-    return config, family
+    return config, merge_folder.model_family(config, base_ref, meta)
 
 
 def _outputs(tensors: list[TensorInfo], layout: BaseLayout, edits: dict[str, Edit], dtype):
@@ -196,7 +172,11 @@ def _write_shards(folder: Path, base_dir: Path, outputs, edits: dict[str, Edit],
                         handle_file = shard_of[source]
                     tensor = handle.get_tensor(source)
                     edit = edits.get(model_name)
-                    tensor = edit.apply(tensor, dtype) if edit is not None else tensor.to(dtype)
+                    if edit is not None:
+                        tensor = edit.apply(tensor, dtype)
+                        _check_finite(tensor, model_name)
+                    else:
+                        tensor = tensor.to(dtype)
                     writer.write(out_name, tensor)
                     weight_map[out_name] = name
                     total += nbytes(dtype, shape)
@@ -210,6 +190,13 @@ def _write_shards(folder: Path, base_dir: Path, outputs, edits: dict[str, Edit],
         bar.close()
     write_index(folder, weight_map, total)
     return len(shards)
+
+
+def _check_finite(tensor: torch.Tensor, name: str) -> None:
+    bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+    if bad:
+        raise VlmtuneError(f"{name} has {bad} NaN or infinite values after merging in {tensor.dtype}: the base "
+                           "weight or the adapter's update does not fit that dtype; merge with --dtype fp32")
 
 
 def _shard_files(base_dir: Path, outputs) -> dict[str, str]:

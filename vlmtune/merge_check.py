@@ -21,6 +21,7 @@ from .data.prepare import format_example  # training's formatting of one convers
 from .errors import VlmtuneError
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_SUSPECT = {"merged": "merged folder", "base + adapter": "base model or the adapter", "bare base": "base model"}
 _PROBES = [  # (image width, height), shapes left to right, question, answer
     ((56, 56), [("circle", "red")], "What colour is the circle?", "The circle is red."),
     ((84, 56), [("square", "blue"), ("triangle", "green")], "Which shape is on the right?",
@@ -43,6 +44,11 @@ def parity_check(merged_dir: Path, base_dir: Path, adapter_dir: Path, meta: dict
         merged_model = load_for_inference(merged_dir, dtype=torch.float32)
         merged = _logits(merged_model.model, batches)
         del merged_model
+    for name, values in (("merged", merged), ("base + adapter", reference), ("bare base", bare)):
+        bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
+        if bad:  # NaN compares as neither above nor below a tolerance: refuse it outright
+            raise VlmtuneError(f"parity check failed: {bad} logits of the {name} model are NaN or infinite on the "
+                               f"probe inputs; the {_SUSPECT[name]} holds non-finite weights")
     scale = max(r.abs().max().item() for r in reference)
     error = max((m - r).abs().max().item() for m, r in zip(merged, reference, strict=True)) / scale
     effect = max((r - b).abs().max().item() for r, b in zip(reference, bare, strict=True)) / scale

@@ -1,24 +1,67 @@
-"""The folders around a merge: the adapter folder checked, the output folder written and moved into place.
+"""The folders around a merge: the base located, the adapter folder checked, the output written and moved into place.
 
 The output is written into a hidden temporary folder beside `out` and renamed at the very end, so an
-interrupted merge leaves either the old folder or nothing, never a half-made one.
+interrupted merge leaves either the old folder or nothing, never a half-made one (a killed merge's hidden
+folder is removed by the next merge to the same `out`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
+from . import families
 from .errors import VlmtuneError
-from .merge_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .merge_lora import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .training import METADATA_FILE
 
 # adapter-folder files that are not part of the processor (everything else is copied byte for byte)
-_NOT_PROCESSOR = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "README.md", "train_results.json",
+_NOT_PROCESSOR = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN, "README.md", "train_results.json",
                   METADATA_FILE, "trainer_state.json", "training_args.bin", "config.json", "generation_config.json"}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def local_base(ref: str) -> Path | None:
+    """The base model's folder when it is on disk already (a builtin name or a folder), else None."""
+    from .modeling import resolve_model_path
+
+    path = Path(resolve_model_path(ref)).expanduser()
+    return path if path.is_dir() else None
+
+
+def locate_base(ref: str) -> Path:
+    """A local folder for a base model: builtin names, folders, or a Hugging Face id already in the cache."""
+    if (path := local_base(ref)) is not None:
+        return path
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise VlmtuneError(f"base model folder not found: {ref}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure means: not available here
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise VlmtuneError(f"cannot find the base model {ref!r} locally or on the hub ({first}); "
+                           "give a local folder with --base") from None
+
+
+def model_family(config, base_ref: str, meta: dict) -> families.Family:
+    """The family the adapter was trained on (its vlmtune.json), else the base's; refused when they differ."""
+    try:
+        family = families.get(meta["family"]) if meta.get("family") else families.for_model_type(config.model_type)
+    except families.UnknownFamilyError as e:
+        raise VlmtuneError(str(e)) from None
+    if config.model_type not in family.model_types:
+        raise VlmtuneError(f"the base model {base_ref} is a {config.model_type} model but the adapter was trained "
+                           f"on the {family.name} family; give the right base with --base")
+    return family
 
 
 def check_adapter_folder(folder: Path, base: str | None) -> dict:
@@ -41,15 +84,72 @@ def check_adapter_folder(folder: Path, base: str | None) -> dict:
     return meta
 
 
-def check_out(out: Path, adapter_dir: Path, force: bool) -> None:
-    """Refuse an output folder that holds anything, unless forced."""
-    if out.resolve() == adapter_dir.resolve():
-        raise VlmtuneError("--out must not be the adapter folder")
-    if out.exists() and not out.is_dir():
+def check_out(out: Path, keep: dict[str, Path], force: bool) -> None:
+    """Refuse an --out whose replacement could destroy anything but the output of an earlier merge.
+
+    --out may not be, contain or lie inside a folder of `keep` (description -> folder: the adapter, the base) or
+    any folder holding a vlmtune run (vlmtune.json or adapter_config.json in it, a child or a parent);
+    --force replaces only a folder a previous merge wrote.
+    """
+    for what, folder in keep.items():
+        check_apart(out, folder, what)
+    target = out.resolve()
+    for parent in target.parents:
+        if holds_run(parent):
+            raise VlmtuneError(f"--out {out} lies inside {parent}, which holds a vlmtune run ({holds_run(parent)}); "
+                               "choose an --out outside it")
+    if target.exists() and not target.is_dir():
         raise VlmtuneError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise VlmtuneError(f"the output folder {out} is not empty; choose another or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and any(target.iterdir()):
+        runs = [child for child in target.iterdir() if child.is_dir() and holds_run(child)]
+        if runs:
+            raise VlmtuneError(f"--out {out} holds the vlmtune run {runs[0]}; merge-adapter never replaces a "
+                               "folder with runs in it, --force or not: choose a new --out")
+        if not wrote_by_merge(target):
+            what = (f"holds a vlmtune run ({holds_run(target)})" if holds_run(target)
+                    else "is not empty and was not written by merge-adapter")
+            raise VlmtuneError(f"the output folder {out} {what}; choose a new or empty --out (--force replaces "
+                               "only the output of an earlier merge)")
+        if not force:
+            raise VlmtuneError(f"the output folder {out} holds an earlier merge; choose another or pass --force "
+                               "to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_apart(out: Path, folder: Path, what: str) -> None:
+    """Refuse an --out that is, contains or lies inside `folder`."""
+    target, folder = out.resolve(), folder.resolve()
+    if target == folder:
+        raise VlmtuneError(f"--out must not be {what} ({folder}); choose a new folder")
+    if target in folder.parents:
+        raise VlmtuneError(f"--out {out} contains {what} {folder}, which the merge would replace; choose a new folder")
+    if folder in target.parents:
+        raise VlmtuneError(f"--out {out} lies inside {what} {folder}; choose a folder outside it")
+
+
+def holds_run(folder: Path) -> str:
+    """The file that marks `folder` as a vlmtune run or adapter ('' when none does)."""
+    return next((name for name in (METADATA_FILE, ADAPTER_CONFIG) if (folder / name).is_file()), "")
+
+
+def wrote_by_merge(folder: Path) -> bool:
+    """Whether `folder` is the output of an earlier merge (its vlmtune.json has the "merged" key, see write_metadata)."""
+    if (folder / ADAPTER_CONFIG).exists():
+        return False
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and "merged" in meta
+
+
+def remove_leftovers(out: Path, log=print) -> None:
+    """Remove the hidden folders an interrupted earlier merge to `out` left beside it (and nothing else)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(merging|old)-[a-z0-9_]{{8}}")  # as mkdtemp names them
+    for path in sorted(out.parent.iterdir()):
+        if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            log(f"removed {path}, left beside {out} by an interrupted earlier merge")
 
 
 def human_size(n: float) -> str:
@@ -114,7 +214,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp is owner-only
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # see remove_leftovers
         os.replace(out, old / out.name)
         try:
             os.replace(tmp, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from .data.prepare import (
     format_example,  # training's formatting of one conversation
 )
 from .errors import VlmtuneError
+from .merge_folder import DTYPES, locate_base, model_family
+from .merge_lora import ADAPTER_CONFIG, read_adapter_files
 from .training import METADATA_FILE
 
 
@@ -66,25 +69,24 @@ def load_for_inference(path, base: str | None = None, dtype: torch.dtype | None 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    is_adapter = (folder / "adapter_config.json").is_file()
+    is_adapter = (folder / ADAPTER_CONFIG).is_file()
     if is_adapter:
-        from .merge import locate_base
-
-        base_ref = base or meta.get("base_model") or json.loads(
-            (folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        # the weights are checked (present, readable, finite) before any model is loaded
+        adapter_config, _ = read_adapter_files(folder)
+        base_ref = base or meta.get("base_model") or adapter_config.get("base_model_name_or_path")
         if not base_ref:
             raise VlmtuneError(f"{folder} names no base model; give it with --base")
         model_dir = locate_base(base_ref)
     elif not (folder / "config.json").is_file():
         raise VlmtuneError(f"{folder} is neither a model folder (config.json) nor an adapter folder "
-                           "(adapter_config.json)")
+                           f"({ADAPTER_CONFIG})")
     else:
-        model_dir = folder
-    config = AutoConfig.from_pretrained(model_dir)
+        base_ref, model_dir = str(path), folder
     try:
-        family = families.get(meta["family"]) if meta.get("family") else families.for_model_type(config.model_type)
-    except families.UnknownFamilyError as e:
-        raise VlmtuneError(str(e)) from None
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise VlmtuneError(f"cannot read the model config in {model_dir}: {e}") from None
+    family = model_family(config, base_ref, meta)
     with quiet_loading():
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
         if is_adapter:
@@ -291,39 +293,97 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
             dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None,
             data_format: str | None = None) -> list[dict]:
-    """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given.
+    """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given
+    (checked before any work, and streamed to `<out>.partial` as each batch finishes; see PredictionFile).
 
     Returns one record per input: {"row", "prediction", "reference", "source"}.
     """
     from tqdm.auto import tqdm
 
     _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
-    if prompt is not None:
-        prompts = [single_prompt(images, prompt)]
-    else:
-        fmt, options = _data_settings(model, data_format)
-        prompts = read_prompts(data, image_root, fmt, options)
-    if loaded is None:
-        from .merge import DTYPES
-
-        if dtype is not None and dtype not in DTYPES:
-            raise VlmtuneError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-        loaded = load_for_inference(model, base=base, dtype=DTYPES.get(dtype) if dtype else None)
-    torch.manual_seed(seed)
-    encoded = [encode(loaded, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].input_ids))  # similar lengths together
-    replies: dict[int, str] = {}
-    with tqdm(total=len(prompts), desc="predicting", unit=" rows", disable=not progress or len(prompts) == 1) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            texts = generate(loaded, [encoded[i] for i in idx], max_new_tokens, temperature, top_p)
-            replies.update(zip(idx, texts, strict=True))
-            bar.update(len(idx))
-    records = [{"row": p.row, "prediction": replies[i], "reference": p.reference, "source": p.source}
-               for i, p in enumerate(prompts)]
-    if out is not None:
-        write_jsonl(Path(out), records)
+    sink = PredictionFile(Path(out)) if out is not None else None  # refuses an unwritable --out before any work
+    with _keep_partial(sink):
+        if prompt is not None:
+            prompts = [single_prompt(images, prompt)]
+        else:
+            fmt, options = _data_settings(model, data_format)
+            prompts = read_prompts(data, image_root, fmt, options)
+        if loaded is None:
+            if dtype is not None and dtype not in DTYPES:
+                raise VlmtuneError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+            loaded = load_for_inference(model, base=base, dtype=DTYPES.get(dtype) if dtype else None)
+        torch.manual_seed(seed)
+        encoded = [encode(loaded, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].input_ids))  # similar lengths together
+        done: dict[int, dict] = {}
+        with tqdm(total=len(prompts), desc="predicting", unit=" rows",
+                  disable=not progress or len(prompts) == 1) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                texts = generate(loaded, [encoded[i] for i in idx], max_new_tokens, temperature, top_p)
+                batch = [{"row": prompts[i].row, "prediction": text, "reference": prompts[i].reference,
+                          "source": prompts[i].source} for i, text in zip(idx, texts, strict=True)]
+                done.update(zip(idx, batch, strict=True))
+                if sink is not None:
+                    sink.add(batch, len(prompts))
+                bar.update(len(idx))
+        records = [done[i] for i in range(len(prompts))]
+        if sink is not None:
+            sink.finish(records)
     return records
+
+
+@contextlib.contextmanager
+def _keep_partial(sink: PredictionFile | None):
+    """On any failure (Ctrl-C included), say where the predictions made so far are."""
+    try:
+        yield
+    except BaseException as e:
+        note = sink.abandon() if sink is not None else ""
+        if note and isinstance(e, VlmtuneError):
+            raise VlmtuneError(f"{e}\n{note}") from None
+        if note:
+            print(note, file=sys.stderr)
+        raise
+
+
+class PredictionFile:
+    """`--out` written as predictions come: each batch is appended to `<out>.partial` at once, and the finished
+    file (in input order) replaces `out` at the end. After a crash the partial file keeps what was done."""
+
+    def __init__(self, out: Path):
+        if out.is_dir():
+            raise VlmtuneError(f"--out {out} is a folder; give a file name, e.g. {out / 'predictions.jsonl'}")
+        self.out, self.partial, self.done, self.total = out, out.with_name(out.name + ".partial"), 0, 0
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed in finish/abandon)
+        except OSError as e:
+            raise VlmtuneError(f"cannot write --out {out}: {e.strerror or e} ({e.filename or self.partial}); "
+                               "choose a file in a folder you can write to") from None
+
+    def add(self, records: list[dict], total: int) -> None:
+        self.total = total
+        try:
+            self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.file.flush()
+        except OSError as e:
+            raise VlmtuneError(f"writing predictions to {self.partial} failed: {e.strerror or e}") from None
+        self.done += len(records)
+
+    def finish(self, records: list[dict]) -> None:
+        self.file.close()
+        write_jsonl(self.out, records)
+        self.partial.unlink()
+
+    def abandon(self) -> str:
+        """Close the partial file after a failure: what to tell the user ('' when nothing was done)."""
+        self.file.close()
+        if not self.done:
+            self.partial.unlink(missing_ok=True)
+            return ""
+        return (f"the {self.done} of {self.total} predictions made before this are in {self.partial} "
+                "(one JSON record per line, in the order they were made)")
 
 
 def _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size) -> None:
