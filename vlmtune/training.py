@@ -120,11 +120,15 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
     collator = VisionCollator(pad_id, pad_to_multiple_of=8 if plan.runtime.device == "cuda" else None)
-    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config)
-    eval_ds = to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config) if plan.eval else None
+    # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
+    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
+    eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
+               if plan.eval else None)
     lengths = [len(e.input_ids) for e in plan.train.examples] if recipe.train.group_by_length else None
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                               eval_dataset=eval_ds, processing_class=plan.processor, lengths=lengths)
+                               eval_dataset=eval_ds, processing_class=plan.processor, lengths=lengths,
+                               max_bad_samples=recipe.data.max_bad_samples,
+                               max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log)
     return trainer, report
 
 
@@ -133,7 +137,9 @@ def _trainer_class():
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
-    class VisionSFTTrainer(SFTTrainer):
+    from .guards import GuardedTrainer
+
+    class VisionSFTTrainer(GuardedTrainer, SFTTrainer):
         def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
             self._lengths = lengths
             super().__init__(*args, **kwargs)
@@ -207,6 +213,7 @@ def train(recipe: Recipe, log=print) -> TrainResult:
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     if plan.eval is not None and plan.eval.examples:
         metrics.update(_final_eval(trainer))
+    metrics.update(trainer.bad_sample_report())  # collective under multi-process: every rank
     adapter_state = gathered_adapter_state(trainer.model)  # ZeRO-3: collective, every rank; else None
     if trainer.is_world_process_zero():
         write_outputs(trainer, plan, out, metrics, adapter_state=adapter_state)

@@ -3,6 +3,12 @@
 Anyres processors (LLaVA-NeXT, LLaVA-OneVision) give each image a different number of tiles
 (pixel_values of shape (images, tiles, 3, H, W)): the tile dimension is zero-padded to the batch
 maximum; the model reads each image's tile count from `image_sizes` and ignores the padding.
+
+Rows the dataset marked `bad_sample` (media that failed to load) are dropped and listed under
+`bad_samples` for the trainer to count. A batch whose every row failed becomes one padding token with no
+label: the step still runs forward and backward, with a loss of zero (no supervised token), so gradient
+accumulation and every rank's collectives (DDP, ZeRO-3) stay in step; re-drawing other rows here is not
+possible (a collator sees only its own rows) and would change the data order a resumed run replays.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ class VisionCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        bad = [f["bad_sample"] for f in features if f.get("bad_sample")]
+        features = [f for f in features if not f.get("bad_sample")] or [self._placeholder()]
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -47,7 +55,13 @@ class VisionCollator:
             parts = [f[key] for f in features if f.get(key) is not None]
             if parts:
                 batch[key] = concat_padded(parts)
+        if bad:
+            batch["bad_samples"] = bad
         return batch
+
+    def _placeholder(self) -> dict[str, torch.Tensor]:
+        """A one-token row that supervises nothing: the stand-in for a batch whose every row failed."""
+        return {"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}
 
 
 def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:

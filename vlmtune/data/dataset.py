@@ -1,7 +1,10 @@
 """Prepared examples as a `datasets.Dataset` whose on-access transform decodes and processes images and videos.
 
 The transform runs where rows are fetched, i.e. inside the DataLoader workers, so image and video
-work overlaps the training step instead of running serially inside it.
+work overlaps the training step instead of running serially inside it. A row whose media cannot be
+decoded, or no longer match what preparation planned, raises BadSample; with `mark_bad` the row is
+returned as `bad_sample: {"source", "reason"}` instead, for the collator to drop and the trainer to count
+(workers are separate processes: what they find travels in the batch).
 """
 
 from __future__ import annotations
@@ -16,8 +19,22 @@ from .images import ImageProblem, load_rgb
 from .prepare import Example
 
 
-def to_dataset(examples: list[Example], family: Family, processor, model_config=None) -> datasets.Dataset:
-    """`model_config`: needed where the family's video positions depend on it (Qwen2.5-VL's tokens_per_second)."""
+class BadSample(VlmtuneError):
+    """A prepared row that fails when its media are loaded: undecodable, or changed since preparation."""
+
+    def __init__(self, source: str, reason: str, hint: str = ""):
+        self.source, self.reason = source, reason
+        super().__init__(f"{source}: {reason}{hint}")
+
+
+DECODE_HINT = "; fix or remove the file (`vlmtune validate --decode` finds every such file)"
+
+
+def to_dataset(examples: list[Example], family: Family, processor, model_config=None,
+               mark_bad: bool = False) -> datasets.Dataset:
+    """`model_config`: needed where the family's video positions depend on it (Qwen2.5-VL's tokens_per_second).
+
+    `mark_bad`: a row that fails to load becomes a `bad_sample` marker instead of raising BadSample."""
     table = datasets.Dataset.from_dict({
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
@@ -27,7 +44,7 @@ def to_dataset(examples: list[Example], family: Family, processor, model_config=
         "max_pixels": [e.max_pixels for e in examples],
         "videos": [video.dumps(e.videos) for e in examples],
     })
-    return table.with_transform(VisionTransform(family, processor, model_config))
+    return table.with_transform(VisionTransform(family, processor, model_config, mark_bad))
 
 
 def _load(path: str, source: str):
@@ -35,64 +52,70 @@ def _load(path: str, source: str):
     try:
         return load_rgb(path)
     except ImageProblem as e:
-        raise VlmtuneError(f"{source}: {e}; fix or remove the file (`vlmtune validate --decode` finds every such file)") from None
+        raise BadSample(source, str(e), DECODE_HINT) from None
 
 
 class VisionTransform:
     """Batch of stored rows -> model inputs per row (tensors; vision keys None for text-only rows)."""
 
-    def __init__(self, family: Family, processor, model_config=None):
+    def __init__(self, family: Family, processor, model_config=None, mark_bad: bool = False):
         self.family = family
         self.processor = processor
         self.model_config = model_config
+        self.mark_bad = mark_bad
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": []}
-        vision_keys: set[str] = set()
-        per_row_vision = []
+        rows = []
         for ids, labels, images, grids, source, max_pixels, videos in zip(
                 batch["input_ids"], batch["labels"], batch["images"], batch["grids"], batch["source"],
                 batch["max_pixels"], batch["videos"], strict=True):
-            input_ids = torch.tensor(ids, dtype=torch.long)
-            out["input_ids"].append(input_ids)
-            out["labels"].append(torch.tensor(labels, dtype=torch.long))
-            vision = {}
-            if images:
-                # one sample's images as one nested list, as the processor groups them (LLaVA-OneVision
-                # processes the images of a multi-image sample differently from a lone image)
-                vision = dict(self.processor.image_processor(images=[[_load(p, source) for p in images]],
-                                                             return_tensors="pt", **self._bounds(max_pixels)))
-                made = vision.get(self.family.grid_key) if self.family.grid_key else None
-                if made is not None and made.tolist() != [list(g) for g in grids]:
-                    raise VlmtuneError(f"{source}: the image processor made grids {made.tolist()} but {grids} "
-                                       "were planned; did an image file change after the data was prepared?")
-                vision_keys.update(vision)
-            clips = video.loads(videos)
-            if clips:
-                vision.update(self._videos(clips, source))
-                vision_keys.update(vision)
-            if self.family.position_ids is not None:
-                extra = {"videos": [(c.grid, self._time_step(c)) for c in clips]} if clips else {}
-                vision["position_ids"] = self.family.position_ids(input_ids, grids, self.processor, **extra)
-            per_row_vision.append(vision)
-        keys = vision_keys | ({"position_ids"} if self.family.position_ids is not None else set())
-        for key in keys:
-            out[key] = [v.get(key) for v in per_row_vision]
-        return out
+            try:
+                rows.append(self._row(ids, labels, images, grids, source, max_pixels, videos))
+            except BadSample as e:
+                if not self.mark_bad:
+                    raise
+                rows.append({"bad_sample": {"source": e.source, "reason": e.reason}})
+        keys = {k for row in rows for k in row}
+        if self.family.position_ids is not None:
+            keys.add("position_ids")
+        if self.mark_bad:
+            keys.add("bad_sample")
+        return {key: [row.get(key) for row in rows] for key in keys}
+
+    def _row(self, ids, labels, images, grids, source, max_pixels, videos) -> dict:
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        row = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long)}
+        if images:
+            # one sample's images as one nested list, as the processor groups them (LLaVA-OneVision
+            # processes the images of a multi-image sample differently from a lone image)
+            vision = dict(self.processor.image_processor(images=[[_load(p, source) for p in images]],
+                                                         return_tensors="pt", **self._bounds(max_pixels)))
+            made = vision.get(self.family.grid_key) if self.family.grid_key else None
+            if made is not None and made.tolist() != [list(g) for g in grids]:
+                raise BadSample(source, f"the image processor made grids {made.tolist()} but {grids} were planned; "
+                                        "did an image file change after the data was prepared?")
+            row.update(vision)
+        clips = video.loads(videos)
+        if clips:
+            row.update(self._videos(clips, source))
+        if self.family.position_ids is not None:
+            extra = {"videos": [(c.grid, self._time_step(c)) for c in clips]} if clips else {}
+            row["position_ids"] = self.family.position_ids(input_ids, grids, self.processor, **extra)
+        return row
 
     def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
         """One sample's videos through the video processor, as the sampled frames planned."""
         try:
             frames = [video.load_frames(c) for c in clips]
         except ImageProblem as e:  # VideoProblem: a file that reads its header but not its frames
-            raise VlmtuneError(f"{source}: {e}") from None
+            raise BadSample(source, str(e)) from None
         made = dict(self.processor.video_processor(videos=frames, return_tensors="pt",
                                                    **video.processor_kwargs(self.processor)))
         grids = made.get(self.family.video_grid_key)
         if grids is not None and grids.tolist() != [list(c.grid) for c in clips]:
-            raise VlmtuneError(f"{source}: the video processor made grids {grids.tolist()} but "
-                               f"{[list(c.grid) for c in clips]} were planned; did a video file change after the "
-                               "data was prepared?")
+            raise BadSample(source, f"the video processor made grids {grids.tolist()} but "
+                                    f"{[list(c.grid) for c in clips]} were planned; did a video file change after "
+                                    "the data was prepared?")
         return made
 
     def _time_step(self, clip: video.VideoClip) -> float:
