@@ -236,7 +236,7 @@ def test_validate_decode_finds_images_whose_pixels_are_broken(workspace, capsys)
                                                      {"type": "text", "text": "q"}]},
                         {"role": "assistant", "content": "a"}]}
     write_jsonl(workspace / "train.jsonl", [GOOD_ROW, row])
-    code, _, _ = run(capsys, "validate", recipe(workspace))
+    code, _, _ = run(capsys, "validate", recipe(workspace, data__check_images="header"))
     assert code == 0  # the header alone reads fine
-    code, out, _ = run(capsys, "validate", recipe(workspace), "--decode")
+    code, out, _ = run(capsys, "validate", recipe(workspace, data__check_images="header"), "--decode")
     assert code == 2 and "train.jsonl:2: image cannot be decoded" in out

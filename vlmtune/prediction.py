@@ -234,10 +234,10 @@ def encode(loaded: Loaded, prompt: Prompt) -> Example:
     counts, grids, tokenization in runs between replies); the tokens before that reply are the prompt.
     """
     conv = Conversation([*prompt.turns, Turn("assistant", [Part(type="text", text="-")])], source=prompt.source)
-    dims = [image_size(Path(p)) for p in conv.images]
-    try:
+    try:  # an image (say, over the pixel limit) is a problem of its row, as in training
+        dims = [image_size(Path(p)) for p in conv.images]
         example = format_example(conv, loaded.prompt_formatter, loaded.family, dims, loaded.processor)
-    except ValueError as e:
+    except ValueError as e:  # ImageProblem included
         raise VlmtuneError(f"{prompt.source}: {e}") from None
     start = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
     return Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.grids, prompt.source)

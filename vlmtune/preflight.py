@@ -42,8 +42,11 @@ def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
 
 def check_data(recipe: Recipe, family: Family, formatter: Formatter,
                decode_images: bool = False) -> tuple[dict[str, PreparedData], list[str]]:
-    """Every data split read and formatted, and the problems that would stop training."""
+    """Every data split read and formatted, and the problems that would stop training.
+
+    Images are checked as `data.check_images` says; `decode_images` (validate --decode) means `decode`."""
     d = recipe.data
+    check_images = "decode" if decode_images else d.check_images
     problems: list[str] = []
     splits = {}
     for split in ("train", "eval"):
@@ -51,7 +54,8 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter,
         if not path:
             continue
         data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                       desc=f"checking {split} data", read_options=reader_options(d), decode_images=decode_images)
+                       desc=f"checking {split} data", read_options=reader_options(d), check_images=check_images,
+                       max_image_pixels=d.max_image_pixels)
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.examples and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")

@@ -14,6 +14,7 @@ class ValidationReport:
     splits: dict[str, PreparedData]
     problems: list[str]  # stop training
     family: str
+    on_overlong: str = "drop"
 
     @property
     def ok(self) -> bool:
@@ -26,6 +27,7 @@ class ValidationReport:
             warnings += [f"  dropped: {p}" for p in data.dropped[:limit]]
             lines.append(f"{split}: {data.summary().splitlines()[0]}")
             lines.append("  " + length_summary(data))
+            lines.extend(image_lines(data, self.on_overlong, limit))
             lines.extend(warnings)
         if self.problems:
             lines.append(f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''} would stop training:")
@@ -52,9 +54,32 @@ def length_summary(data: PreparedData) -> str:
             f"supervised fraction {frac:.1%}; dropped {len(data.dropped)}; duplicates {len(data.duplicates)}")
 
 
+def image_lines(data: PreparedData, on_overlong: str, limit: int) -> list[str]:
+    """How the images were checked, and which rows data.on_overlong=shrink_images shrinks (or would)."""
+    lines = []
+    if data.decoded:
+        lines.append(f"  images: {_files(data.decoded)} decoded in full")
+    if data.header_only:
+        lines.append(f"  images: {_files(data.header_only)} only header-checked (their pixels are first decoded "
+                     "during training); `validate --decode` or data.check_images=decode decodes them all now")
+    if data.shrinkable:
+        n = len(data.shrinkable)
+        lines.append(f"  shrink_images shrinks the images of {n} rows to fit data.max_length:" if on_overlong ==
+                     "shrink_images" else f"  data.on_overlong=shrink_images would keep {n} too-long rows by "
+                     "shrinking their images:")
+        lines.extend(f"    {p}" for p in data.shrinkable[:limit])
+        if n > limit:
+            lines.append(f"    ... and {n - limit} more")
+    return lines
+
+
+def _files(n: int) -> str:
+    return f"{n} image file{'s' if n != 1 else ''}"
+
+
 def validate(recipe: Recipe, decode_images: bool = False) -> ValidationReport:
     """Read, check and format every row of every split (no weights loaded); `decode_images` decodes every
     image in full, which also finds files whose header is fine but whose pixels are not."""
     _, family, formatter = formatting_for(recipe)
     splits, problems = check_data(recipe, family, formatter, decode_images)
-    return ValidationReport(splits, problems, family.name)
+    return ValidationReport(splits, problems, family.name, recipe.data.on_overlong)

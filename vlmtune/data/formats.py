@@ -37,12 +37,13 @@ class RowProblem:
 def reader_options(data) -> dict:
     """The keyword arguments of `read_rows` that come from a recipe's `data` section."""
     return {"caption_prompt": getattr(data, "caption_prompt", DEFAULT_CAPTION_PROMPT),
-            "columns": getattr(data, "columns", None) or {}, "allow_urls": getattr(data, "allow_urls", False)}
+            "columns": getattr(data, "columns", None) or {}, "allow_urls": getattr(data, "allow_urls", False),
+            "max_row_bytes": getattr(data, "max_row_bytes", sources.DEFAULT_MAX_ROW_BYTES)}
 
 
 def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
               caption_prompt: str = DEFAULT_CAPTION_PROMPT, columns: dict[str, str] | None = None,
-              allow_urls: bool = False,
+              allow_urls: bool = False, max_row_bytes: int = sources.DEFAULT_MAX_ROW_BYTES,
               warn: Callable[[RowProblem], None] | None = None) -> Iterator[Conversation | RowProblem]:
     """Each row of a data source as a Conversation (images as local path strings), or a RowProblem.
 
@@ -55,7 +56,7 @@ def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
     resolve = ImageResolver(sources.base_dir(path), image_root, allow_urls)
     options = Options(caption_prompt=caption_prompt)
     unused = Unused(fmt, FIELDS[fmt], columns)
-    for number, unit, raw in sources.rows(path, wanted):
+    for number, unit, raw in sources.rows(path, wanted, max_row_bytes):
         where = f"{unit} {number}: " if unit else ""
         row = problem = None
         try:

@@ -2,7 +2,12 @@
 
 The rest of the pipeline only ever sees paths. Base64 data URIs, raw bytes and (when allowed) http(s)
 URLs are written once to `$VLMTUNE_CACHE/images/<sha256>.<ext>` (default cache: ~/.cache/vlmtune).
-Nothing here decodes pixels except `load_rgb`; `image_size` reads the file header only.
+Nothing here decodes pixels except `load_rgb`; `image_size` reads the file header only, and both give the
+size after EXIF orientation, so token planning and decoding agree.
+
+Decoding follows what serving code feeds a processor (transformers' `load_image`, then the image processor's
+`convert_to_rgb`): EXIF orientation applied, 16-bit greys scaled to 8 bits (not clipped), transparency
+composited on white. Images over a pixel limit are refused per call (Pillow's process-wide limit is untouched).
 """
 
 from __future__ import annotations
@@ -11,15 +16,22 @@ import base64
 import binascii
 import hashlib
 import os
+import struct
 import tempfile
+import threading
 import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 URL_TIMEOUT_S = 20
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # data.max_image_pixels: Pillow's own hard limit, 2 x Image.MAX_IMAGE_PIXELS
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
           (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
 
@@ -66,14 +78,19 @@ class ImageResolver:
         return str(self.local(ref))
 
     def local(self, ref: str) -> Path:
+        """Without image_root: relative to base_dir, absolute as given. With image_root: relative to it, and
+        refused unless the real file (`..` and symlinks followed) lies inside the real image_root."""
         path = Path(ref).expanduser()
-        if not path.is_absolute():
-            return (self.image_root or self.base_dir) / path
         root = self.image_root
-        if root and not Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)):
-            raise ImageProblem(f"absolute image path {ref} is outside data.image_root ({root}); give it relative "
-                               "to image_root, or leave image_root unset to use absolute paths anywhere")
-        return path
+        if root is None:
+            return path if path.is_absolute() else self.base_dir / path
+        joined = root / path  # an absolute path stays itself
+        if not Path(os.path.realpath(joined)).is_relative_to(os.path.realpath(root)):
+            how = "absolute image path" if path.is_absolute() else "image path"
+            raise ImageProblem(f"{how} {ref} is outside data.image_root ({root}) once `..` and symlinks are "
+                               f"followed (it is {os.path.realpath(joined)}); refer to files inside image_root, or "
+                               "leave image_root unset to use paths anywhere")
+        return joined
 
     def embedded(self, data: bytes) -> str:
         """Write image bytes once to the content-addressed cache; return that file's path."""
@@ -146,23 +163,109 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise ImageProblem(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageProblem(f"image cannot be read: {path} ({e.__class__.__name__}: {e})") from None
+def image_size(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) as decoded, i.e. after EXIF orientation, from the file header without decoding the pixels.
+
+    ImageProblem when the file is missing or unreadable, or holds more than `max_pixels` pixels."""
+    with _opened(path, max_pixels, "read") as im:
+        try:
+            width, height = _stored_size(im)
+            turned = _orientation(im, Path(path)) in _SWAPS
+        except _DECODE_ERRORS as e:
+            raise _unreadable(path, "read", e) from None
+        return (height, width) if turned else (width, height)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """The decoded image in RGB."""
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """The decoded image in RGB, upright, as serving code sees it (see the module docstring).
+
+    `max_pixels`: refuse larger images (None: only Pillow's own hard limit, as data was checked before)."""
+    with _opened(path, max_pixels, "decoded") as im:
+        try:
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            return to_rgb(im)
+        except _DECODE_ERRORS as e:
+            raise _unreadable(path, "decoded", e) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image in RGB: 16-bit and 32-bit integer greys scaled to 8 bits, transparency composited on white
+    (as transformers' `convert_to_rgb`), any other mode converted by Pillow."""
+    if im.mode in _WIDE_GREYS:
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+_WIDE_GREYS = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SWAPS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+# what Pillow raises for a file it cannot read: truncated data, broken chunks, bad EXIF, an unknown mode
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
+                  Image.DecompressionBombError)
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is not thread-safe: one open at a time (headers only)
+
+
+@contextmanager
+def _opened(path: str | Path, max_pixels: int | None, verb: str) -> Iterator[Image.Image]:
+    """`Image.open(path)`, with Pillow's bomb warning silenced for this call only, and its bomb error and
+    `max_pixels` (the recipe's limit) as ImageProblems naming the limit."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
     except FileNotFoundError:
         raise ImageProblem(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageProblem(f"image cannot be decoded: {path} ({e.__class__.__name__}: {e})") from None
+    except Image.DecompressionBombError:
+        raise ImageProblem(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's own hard "
+                           "limit against decompression bombs, which data.max_image_pixels cannot raise; shrink "
+                           "the image") from None
+    except _DECODE_ERRORS as e:
+        raise _unreadable(path, verb, e) from None
+    with im:
+        width, height = im.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageProblem(f"image {path} is {width}x{height} = {width * height:,} pixels, over "
+                               f"data.max_image_pixels={max_pixels:,} (a guard against decompression bombs); "
+                               "shrink the image, or raise data.max_image_pixels if it is genuine")
+        yield im
+
+
+def _unreadable(path, verb: str, e: Exception) -> ImageProblem:
+    return ImageProblem(f"image cannot be {verb}: {path} ({e.__class__.__name__}: {e})")
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """The size before orientation (newer Pillow reports a TIFF's size upright already, and turns it on load)."""
+    if im.format == "TIFF":
+        return im.tag_v2[256], im.tag_v2[257]  # ImageWidth, ImageLength
+    return im.size
+
+
+def _orientation(im: Image.Image, path: Path) -> int:
+    """The EXIF orientation (1: upright) that `ImageOps.exif_transpose` will apply once the image is decoded."""
+    if im.format == "PNG" and "exif" not in im.info and not _png_metadata_after_pixels(path):
+        exif = Image.Image.getexif(im)  # Pillow's PNG getexif decodes the pixels to look for late metadata
+    else:
+        exif = im.getexif()  # a PNG with metadata after its pixels is decoded here: rare, and then exact
+    return exif.get(ExifTags.Base.Orientation, 1)
+
+
+def _png_metadata_after_pixels(path: Path) -> bool:
+    """Whether a PNG holds an EXIF or text chunk (where orientation may live) after its image data;
+    walks the chunk headers only."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        seen_pixels = False
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return False
+            seen_pixels |= kind == b"IDAT"
+            if seen_pixels and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+                return True
+            f.seek(length + 4, os.SEEK_CUR)
+    return False

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,11 +18,12 @@ from ..families import Family
 from .conversation import Conversation
 from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
-from .images import ImageProblem, image_size, load_rgb
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, image_size, load_rgb
 from .pixels import bounds_of, set_bounds
 from .video import VideoClip, VideoInfo, describe, frame_settings, probe, sample_indices, sampled_fps
 
 OVERLONG_POLICIES = ("drop", "error", "shrink_images")
+AUTO_DECODE_MAX_IMAGES = 5000  # data.check_images=auto decodes every image up front when there are at most this many
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RowResult:
     problem: RowProblem | None = None
     dropped: bool = False
     fingerprint: str = ""
+    shrink_bound: int | None = None  # too long, but fits with its images under this max_pixels (shrink_images)
 
 
 @dataclass
@@ -59,6 +64,9 @@ class PreparedData:
     warnings: list[RowProblem] = field(default_factory=list)  # columns or keys no reader used, once per file
     rows: int = 0
     shrunk: int = 0
+    shrinkable: list[RowProblem] = field(default_factory=list)  # rows shrink_images shrinks (or would shrink)
+    decoded: int = 0  # image files decoded in full before training
+    header_only: int = 0  # image files only header-checked (their pixels are first decoded in training)
 
     @property
     def num_tokens(self) -> int:
@@ -106,13 +114,13 @@ class PreparedData:
 
 def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
               max_length: int, on_overlong: str = "drop", read_options: dict | None = None,
-              decode_images: bool = False) -> Iterator[RowResult]:
+              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[RowResult]:
     """Each row of a data file, read, checked and formatted; problems become values, never exceptions.
 
     `read_options`: the other keyword arguments of `formats.read_rows` (see `formats.reader_options`).
-    `decode_images`: decode every image in full (slower) instead of reading only its header."""
+    Images are measured from their headers; larger than `max_image_pixels` is a row problem."""
     sizes: dict[str, tuple[int, int] | ImageProblem] = {}
-    measure = _decoded_size if decode_images else image_size
+    measure = partial(image_size, max_pixels=max_image_pixels)
     for index, item in enumerate(read_rows(Path(path), fmt, image_root, **(read_options or {}))):
         if isinstance(item, RowProblem):
             yield RowResult(index, problem=item)
@@ -122,14 +130,23 @@ def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: For
 
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
-            read_options: dict | None = None, decode_images: bool = False) -> PreparedData:
-    """Read and format a whole data file; problems are collected with file and row."""
+            read_options: dict | None = None, check_images: str = "auto",
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedData:
+    """Read and format a whole data file; problems are collected with file and row.
+
+    `check_images` (data.check_images): `decode` decodes every image of the examples in full before training
+    (in threads), which also finds truncated or corrupt pixel data; `header` reads headers only; `auto`
+    decodes when there are at most AUTO_DECODE_MAX_IMAGES image files."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
     read_options = {**(read_options or {}), "warn": out.warnings.append}
-    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options, decode_images)
+    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options,
+                     max_image_pixels)
     for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1
+        if result.shrink_bound is not None:
+            source = result.example.source if result.example else f"{result.problem.file}:{result.problem.row}"
+            out.shrinkable.append(_problem_at(source, f"max_pixels={result.shrink_bound}"))
         if result.problem is not None:
             (out.dropped if result.dropped else out.problems).append(result.problem)
             continue
@@ -141,11 +158,47 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
             seen[result.fingerprint] = _problem_at(ex.source, "")
         out.shrunk += ex.max_pixels is not None
         out.examples.append(ex)
+    _decode_images(out, check_images, max_image_pixels)
     return out
 
 
-def _decoded_size(path: Path) -> tuple[int, int]:
-    return load_rgb(path).size
+def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int) -> None:
+    """Decode every image (and frame-list frame) of the examples as training will; a row whose file does not
+    decode, or decodes to another size than its header planned, becomes a problem."""
+    files: dict[str, list[Example]] = {}
+    for ex in out.examples:
+        frames = [c.source[i] for c in ex.videos if isinstance(c.source, tuple) for i in c.indices]
+        for ref in dict.fromkeys([*ex.images, *frames]):
+            files.setdefault(ref, []).append(ex)
+    if check_images == "header" or (check_images == "auto" and len(files) > AUTO_DECODE_MAX_IMAGES):
+        out.header_only = len(files)
+        return
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes outside the GIL
+        found = pool.map(partial(_decode_problem, max_pixels=max_image_pixels), files)
+        bad = {ref: problem for ref, problem in tqdm(zip(files, found, strict=True), total=len(files), desc="decoding images",
+                                                      unit=" images", leave=False) if problem}
+    out.decoded = len(files)
+    failed: dict[str, str] = {}  # row source -> its first problem
+    for ref, problem in bad.items():
+        for ex in files[ref]:
+            failed.setdefault(ex.source, problem)
+    if failed:
+        out.examples = [ex for ex in out.examples if ex.source not in failed]
+        out.duplicates = [d for d in out.duplicates if f"{d.file}:{d.row}" not in failed]
+        out.problems = sorted([*out.problems, *(_problem_at(src, msg) for src, msg in failed.items())],
+                              key=lambda p: p.row)
+
+
+def _decode_problem(ref: str, max_pixels: int) -> str | None:
+    """Why the file does not decode as its header promised, or None."""
+    try:
+        decoded, planned = load_rgb(ref, max_pixels).size, image_size(Path(ref), max_pixels)
+    except ImageProblem as e:
+        return str(e)
+    if decoded != planned:
+        return (f"image {ref} decodes to {decoded[0]}x{decoded[1]} but its header says {planned[0]}x{planned[1]}; "
+                "re-save the file")
+    return None
 
 
 def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, sizes: dict, max_length: int,
@@ -168,8 +221,12 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
     fingerprint = hashlib.sha1(repr((example.input_ids, example.labels, conv.images, conv.videos)).encode()).hexdigest()
     if example.num_supervised == 0:
         return RowResult(index, problem=_problem(conv, "no token is supervised (every reply has train: false?)"))
-    if len(example.input_ids) > max_length and on_overlong == "shrink_images" and dims:
-        example = _shrink(conv, formatter, family, dims, max_length, example, clips) or example
+    shrunk = None
+    if len(example.input_ids) > max_length and dims:  # also under drop / error: validate names these rows
+        shrunk = _shrink(conv, formatter, family, dims, max_length, example, clips)
+        if on_overlong == "shrink_images":
+            example = shrunk or example
+    bound = shrunk.max_pixels if shrunk is not None else None
     if len(example.input_ids) > max_length:
         n_img = sum(1 for x in example.input_ids if x == formatter.image_token_id)
         hint = ("raise max_length or shorten the sample" if on_overlong == "shrink_images"
@@ -181,8 +238,8 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
         kinds = f"{n_img} image tokens" + (f", {n_vid} video tokens" if n_vid else "")
         problem = _problem(conv, f"{len(example.input_ids)} tokens ({kinds}) do not fit "
                                  f"data.max_length={max_length}; {hint}")
-        return RowResult(index, example=example, problem=problem, dropped=on_overlong != "error")
-    return RowResult(index, example=example, fingerprint=fingerprint)
+        return RowResult(index, example=example, problem=problem, dropped=on_overlong != "error", shrink_bound=bound)
+    return RowResult(index, example=example, fingerprint=fingerprint, shrink_bound=bound)
 
 
 def image_tokens(family: Family, processor, refs: list[str], dims) -> tuple[list[int], list[tuple[int, ...]]]:

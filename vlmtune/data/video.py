@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import ImageProblem, image_size, load_rgb
+from .images import ImageProblem, image_size, load_rgb, to_rgb
 from .pixels import set_bounds
 
 DEFAULT_FPS = 2.0
@@ -164,7 +164,7 @@ def load_frames(clip: VideoClip) -> list[Image.Image]:
         with av.open(clip.source) as container:
             for k, frame in enumerate(container.decode(video=0)):
                 if k in wanted:
-                    decoded[k] = frame.to_image().convert("RGB")
+                    decoded[k] = to_rgb(frame.to_image())
                 if k >= last:
                     break
     except FileNotFoundError:

@@ -7,29 +7,35 @@
 
 Table rows come out as Python dicts straight from Arrow, so image columns stay `{"bytes", "path"}`
 dicts and are never decoded.
+
+A row larger than `max_row_bytes` (data.max_row_bytes) is a RowError before it is parsed where the container
+allows: a JSONL line is measured as it is read (never held whole), a JSON item on its text, a table row on
+its values (strings and bytes, embedded images included).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from .common import RowError
 
 BATCH_ROWS = 1024
+DEFAULT_MAX_ROW_BYTES = 16 * 2**20  # data.max_row_bytes
 Numbered = tuple[int, str, object]  # (row number, unit: "" for a line, "item" or "row"), row dict or RowError
 
 
-def rows(path: Path, columns: dict[str, str]) -> Iterator[Numbered]:
+def rows(path: Path, columns: dict[str, str], max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Numbered]:
     """Every row of `path`. `columns` (source column -> field it feeds) must exist in a table's schema."""
     if path.is_dir():
-        return _dataset_rows(path, columns)
+        return _dataset_rows(path, columns, max_row_bytes)
     if path.suffix.lower() == ".parquet":
-        return _parquet_rows(path, columns)
+        return _parquet_rows(path, columns, max_row_bytes)
     if _starts_with(path, "["):
-        return _json_array_rows(path)
-    return _jsonl_rows(path)
+        return _json_array_rows(path, max_row_bytes)
+    return _jsonl_rows(path, max_row_bytes)
 
 
 def base_dir(path: Path) -> Path:
@@ -46,9 +52,17 @@ def _starts_with(path: Path, char: str) -> bool:
     return False
 
 
-def _jsonl_rows(path: Path) -> Iterator[Numbered]:
+def _too_big(what: str, size: int, limit: int) -> RowError:
+    return RowError(f"{what} is {size:,} bytes, over data.max_row_bytes={limit:,}; shorten it (e.g. refer to "
+                    "images by path rather than embedding them) or raise data.max_row_bytes")
+
+
+def _jsonl_rows(path: Path, limit: int) -> Iterator[Numbered]:
     with open(path, "rb") as f:  # bytes, so that one badly encoded line is that line's problem only
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw, size in _lines(f, limit):
+            if raw is None:
+                yield line_no, "", _too_big("line", size, limit)
+                continue
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -63,22 +77,68 @@ def _jsonl_rows(path: Path) -> Iterator[Numbered]:
                                             "each line must be one JSON object")
 
 
-def _json_array_rows(path: Path) -> Iterator[Numbered]:
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, the line, its size without the newline); the line is None when it is over `limit`
+    bytes, and then only `limit` bytes of it were ever held at once."""
+    line_no = 0
+    while raw := f.readline(limit + 1):
+        line_no += 1
+        size = len(raw) - raw.endswith(b"\n")
+        if size <= limit:
+            yield line_no, raw, size
+            continue
+        while not raw.endswith(b"\n") and (raw := f.readline(limit + 1)):
+            size += len(raw) - raw.endswith(b"\n")
+        yield line_no, None, size
+
+
+def _json_array_rows(path: Path, limit: int) -> Iterator[Numbered]:
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            items = json.load(f)
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         yield 1, "", RowError(f"not UTF-8 text (byte {e.start} of the file); save the file as UTF-8")
         return
+    try:
+        items = list(_array_items(text))  # a broken array is one problem, as json.load would raise
     except json.JSONDecodeError as e:
         yield e.lineno, "", RowError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); a file "
                                      "starting with [ must be one JSON array of row objects")
         return
-    for n, item in enumerate(items, start=1):
-        yield n, "item", item
+    for n, (start, end, item) in enumerate(items, start=1):
+        # a character is at most 4 UTF-8 bytes: only a long item needs counting
+        size = end - start if (end - start) * 4 <= limit else len(text[start:end].encode())
+        yield n, "item", _too_big("item", size, limit) if size > limit else item
 
 
-def _parquet_rows(path: Path, columns: dict[str, str]) -> Iterator[Numbered]:
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _array_items(text: str) -> Iterator[tuple[int, int, object]]:
+    """(start, end, value) of each item of the JSON array `text`, one at a time; JSONDecodeError as json.loads."""
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise json.JSONDecodeError("Expecting '['", text, pos)
+    pos = _SPACE.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            item, end = decoder.raw_decode(text, pos)
+            yield pos, end, item
+            pos = _SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if _SPACE.match(text, pos).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, _SPACE.match(text, pos).end())
+
+
+def _parquet_rows(path: Path, columns: dict[str, str], limit: int) -> Iterator[Numbered]:
     import pyarrow.parquet as pq
 
     try:
@@ -86,10 +146,11 @@ def _parquet_rows(path: Path, columns: dict[str, str]) -> Iterator[Numbered]:
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         yield 1, "row", RowError(f"cannot be read as Parquet ({e.__class__.__name__}: {e})")
         return
-    yield from _table_rows(table.schema_arrow.names, table.iter_batches(batch_size=BATCH_ROWS), columns, "Parquet file")
+    yield from _table_rows(table.schema_arrow.names, table.iter_batches(batch_size=BATCH_ROWS), columns,
+                           "Parquet file", limit)
 
 
-def _dataset_rows(path: Path, columns: dict[str, str]) -> Iterator[Numbered]:
+def _dataset_rows(path: Path, columns: dict[str, str], limit: int) -> Iterator[Numbered]:
     import datasets
 
     try:
@@ -102,10 +163,10 @@ def _dataset_rows(path: Path, columns: dict[str, str]) -> Iterator[Numbered]:
         yield 1, "row", RowError(f"holds several splits; point data.train / data.eval at one of: {splits}")
         return
     batches = ds.with_format("arrow").iter(batch_size=BATCH_ROWS)
-    yield from _table_rows(ds.column_names, batches, columns, "dataset")
+    yield from _table_rows(ds.column_names, batches, columns, "dataset", limit)
 
 
-def _table_rows(names: list[str], batches, columns: dict[str, str], what: str) -> Iterator[Numbered]:
+def _table_rows(names: list[str], batches, columns: dict[str, str], what: str, limit: int) -> Iterator[Numbered]:
     missing = [(source, field) for source, field in columns.items() if source not in names]
     if missing:
         source, field = missing[0]
@@ -118,4 +179,18 @@ def _table_rows(names: list[str], batches, columns: dict[str, str], what: str) -
     for batch in batches:
         for item in batch.to_pylist():
             n += 1
-            yield n, "row", item
+            size = _value_bytes(item)
+            yield n, "row", _too_big("row", size, limit) if size > limit else item
+
+
+def _value_bytes(value: object) -> int:
+    """The bytes of a table row's strings and binary values (numbers and nulls: 8)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_value_bytes(k) + _value_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 8
