@@ -208,6 +208,16 @@ def messages(image="shapes/images/train_0002.png", reply="A.", role="user", **ex
                          {"role": "assistant", "content": reply}], **extra}
 
 
+def prompt_completion(images=("shapes/images/train_0002.png",), reply="A.", role="user"):
+    return {"prompt": [{"role": role, "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
+            "completion": [{"role": "assistant", "content": reply}], "images": list(images)}
+
+
+def alpaca(**kw):
+    return {k: v for k, v in {"instruction": "<image>Q?", "output": "A.", "images": ["shapes/images/train_0002.png"],
+                              **kw}.items() if v is not ...}
+
+
 def vqa(**kw):
     return {k: v for k, v in {"image": "shapes/images/train_0002.png", "question": "Q?", "answer": "A.", **kw}.items()
             if v is not ...}
@@ -264,8 +274,24 @@ BAD_ROWS = {
         (caption(image=...), 'missing "image"'),
         (caption(caption=...), 'missing "caption"'),
     ],
+    "prompt_completion": [
+        (prompt_completion(role="robot"), "prompt message 0: unknown role 'robot'"),
+        (prompt_completion(reply=" "), "completion message 0: the assistant reply is empty"),
+        (prompt_completion(images=[BAD_B64]), "images: image data URI is not valid base64"),
+        (prompt_completion(images=[URL]), "set data.allow_urls: true"),
+        ({"completion": "A."}, 'missing "prompt"'),
+    ],
+    "alpaca": [
+        (alpaca(output=" "), '"output" is empty'),
+        (alpaca(instruction="<image><image>Two?"), '2 <image> placeholders in the text but 1 image in "images"'),
+        (alpaca(images=[BAD_B64]), "images: image data URI is not valid base64"),
+        (alpaca(images=[URL]), "set data.allow_urls: true"),
+        (alpaca(instruction=...), 'missing "instruction"'),
+        (alpaca(history="q"), '"history" must be a list of [question, answer] pairs'),
+    ],
 }
-GOOD = {"messages": messages(), "llava": llava(), "sharegpt": sharegpt(), "vqa": vqa(), "caption": caption()}
+GOOD = {"messages": messages(), "llava": llava(), "sharegpt": sharegpt(), "vqa": vqa(), "caption": caption(),
+        "prompt_completion": prompt_completion(), "alpaca": alpaca()}
 CASES = [(fmt, row, msg) for fmt, cases in BAD_ROWS.items() for row, msg in cases]
 
 
@@ -296,7 +322,8 @@ def test_bad_item_in_a_json_array_names_the_item(tmp_path, fmt):
 def test_missing_image_file_is_a_problem_at_its_row(tmp_path, fmt, processor_for):
     family = families.get("qwen2_vl")
     bad = {"messages": messages(image="nope.png"), "llava": llava(image="nope.png"),
-           "sharegpt": sharegpt(images=["nope.png"]), "vqa": vqa(image="nope.png"), "caption": caption(image="nope.png")}
+           "sharegpt": sharegpt(images=["nope.png"]), "vqa": vqa(image="nope.png"), "caption": caption(image="nope.png"),
+           "prompt_completion": prompt_completion(images=["nope.png"]), "alpaca": alpaca(images=["nope.png"])}
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD[fmt], bad[fmt]])
     data = prepare(path, fmt, str(TEMPLATES), Formatter(family, processor_for("qwen2_vl")), family, 4096)
     assert len(data.examples) == 1 and [(p.file, p.row) for p in data.problems] == [(str(path), 2)]
@@ -473,11 +500,12 @@ def test_recipe_accepts_every_format_columns_and_a_dataset_folder(tmp_path):
     assert reader_options(r.data).items() >= {"caption_prompt": "Say what you see.", "columns": VQA_COLUMNS,
                                               "allow_urls": True}.items()
     assert load_recipe(write_recipe(tmp_path, train="ds")).data.columns == {}
-    assert set(FORMATS) == {"messages", "llava", "sharegpt", "vqa", "caption"}
+    assert set(FORMATS) == {"messages", "llava", "sharegpt", "vqa", "caption", "prompt_completion", "alpaca"}
 
 
 @pytest.mark.parametrize("data, expected", [
-    ({"format": "alpaca"}, "data.format: must be one of messages, llava, sharegpt, vqa, caption"),
+    ({"format": "openai"}, "data.format: must be one of messages, llava, sharegpt, vqa, caption, prompt_completion, "
+                           "alpaca"),
     ({"format": "vqa", "columns": {"img": "image"}}, "data.columns.img: is not a field of format vqa; its fields: "
                                                      "image, question, answer"),
     ({"columns": "img"}, "data.columns: must map field names to column names"),

@@ -9,6 +9,7 @@ import traceback
 
 from . import __version__
 from .config import RecipeError, load_recipe
+from .data.formats import FORMATS
 from .errors import VlmtuneError
 
 
@@ -102,7 +103,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--prompt", help="the user's question")
     p.add_argument("--data", help="messages JSONL file: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")
-    p.add_argument("--format", choices=["messages", "llava", "sharegpt", "vqa", "caption"],
+    p.add_argument("--format", choices=FORMATS,
                    help="data format of --data (default: the one the adapter was trained on, else messages)")
     p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
     p.add_argument("--image-root", help="folder that relative image paths in --data are relative to")

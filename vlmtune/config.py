@@ -16,6 +16,7 @@ import yaml
 
 from .data.conversation import TrainOn
 from .data.formats import FIELDS, FORMATS
+from .data.readers import llamafactory
 
 
 @dataclass
@@ -523,10 +524,13 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     if check_paths:
         for key in ("train", "eval"):
             value = getattr(d, key)
-            if value and not (Path(value).is_file() or Path(value).is_dir()):  # a folder: a datasets dataset
+            if value and llamafactory.reference(value) is not None:  # dir/dataset_info.json#name
+                errs.extend(FieldError(f"data.{key}", p) for p in llamafactory.problems(value))
+            elif value and not (Path(value).is_file() or Path(value).is_dir()):  # a folder: a datasets dataset
                 need(False, f"data.{key}", f"file not found: {value}")
         if d.image_root and not Path(d.image_root).is_dir():
             need(False, "data.image_root", f"folder not found: {d.image_root}")
+        errs.extend(FieldError(*p) for p in llamafactory.setting_problems([d.train, d.eval], d.format, d.columns))
     need(t.num_train_epochs != 0 or t.max_steps > 0, "train.num_train_epochs",  # other values: BOUNDS
          "must be positive (or set train.max_steps)")
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")

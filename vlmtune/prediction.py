@@ -148,9 +148,11 @@ def read_prompts(path, image_root: str | None = None, fmt: str = "messages",
     In `messages` rows that end in a user turn are prompts without a reference; other formats (llava,
     sharegpt, vqa, caption; `options` as `formats.reader_options`) are read exactly as training reads them."""
     from .data.images import ImageResolver
-    from .data.readers import sources
+    from .data.readers import llamafactory, sources
     from .data.readers.common import RowError
 
+    if llamafactory.reference(path) is not None:  # dir/dataset_info.json#name: read as training reads it
+        return _prompts_from_format(Path(path), image_root, fmt, options or {})
     path = Path(path)
     if not path.exists():
         raise VlmtuneError(f"data file not found: {path}")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from .conversation import Conversation
 from .images import ImageResolver
-from .readers import caption, llava, messages, sharegpt, sources, vqa
+from .readers import alpaca, caption, llamafactory, llava, messages, prompt_completion, sharegpt, sources, vqa
 from .readers.common import DEFAULT_CAPTION_PROMPT, Options, Row, RowError, Unused
 
-READERS = {"messages": messages, "llava": llava, "sharegpt": sharegpt, "vqa": vqa, "caption": caption}
+READERS = {"messages": messages, "llava": llava, "sharegpt": sharegpt, "vqa": vqa, "caption": caption,
+           "prompt_completion": prompt_completion, "alpaca": alpaca}
 FORMATS = tuple(READERS)
 FIELDS = {name: (*r.REQUIRED, *r.OPTIONAL) for name, r in READERS.items()}  # what data.columns may map
 
@@ -50,23 +51,47 @@ def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
     `warn` receives, once per file, each column (message key, part key) that the layout does not read."""
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; supported: {', '.join(FORMATS)}")
+    options = Options(caption_prompt=caption_prompt)
+    if llamafactory.reference(path) is not None:  # dir/dataset_info.json#name: the entry gives layout and columns
+        yield from _entry_rows(path, image_root, allow_urls, options, max_row_bytes)
+        return
     reader, path = READERS[fmt], Path(path)
     columns = dict(columns or {})
     wanted = {columns.get(f, f): f for f in reader.REQUIRED} | {src: f for f, src in columns.items()}
     resolve = ImageResolver(sources.base_dir(path), image_root, allow_urls)
-    options = Options(caption_prompt=caption_prompt)
-    unused = Unused(fmt, FIELDS[fmt], columns)
-    for number, unit, raw in sources.rows(path, wanted, max_row_bytes):
+    yield from _file_rows(path, sources.rows(path, wanted, max_row_bytes), lambda raw: _mapped(raw, columns),
+                          lambda row: reader.read(row, resolve, options), Unused(fmt, FIELDS[fmt], columns), warn)
+
+
+def _entry_rows(ref, image_root: str | None, allow_urls: bool, options: Options,
+                max_row_bytes: int) -> Iterator[Conversation | RowProblem]:
+    """A LLaMA-Factory dataset: every file of its dataset_info.json entry, read as the entry says (data.format and
+    data.columns are for plain files)."""
+    try:
+        entry = llamafactory.open_entry(ref)
+    except llamafactory.EntryError as e:
+        yield RowProblem(str(ref), 1, str(e), unreadable=True)
+        return
+    resolve = ImageResolver(entry.media_dir, image_root, allow_urls)
+    for path in entry.files:  # the entry names the columns it reads; LLaMA-Factory ignores the others too
+        yield from _file_rows(path, sources.rows(path, entry.wanted, max_row_bytes), entry.row,
+                              lambda row: entry.read(row, resolve, options), None, None)
+
+
+def _file_rows(path: Path, numbered: Iterator[sources.Numbered], to_row: Callable[[object], Row],
+               read: Callable[[Row], Conversation], unused: Unused | None,
+               warn: Callable[[RowProblem], None] | None) -> Iterator[Conversation | RowProblem]:
+    for number, unit, raw in numbered:
         where = f"{unit} {number}: " if unit else ""
         row = problem = None
         try:
             if isinstance(raw, RowError):
                 raise raw
-            row = _mapped(raw, columns)
-            conv = reader.read(row, resolve, options)
+            row = to_row(raw)
+            conv = read(row)
         except RowError as e:
             problem = RowProblem(str(path), number, where + str(e), unreadable=isinstance(raw, RowError))
-        if warn is not None and row is not None and (note := unused.new(raw, row)):
+        if warn is not None and unused is not None and row is not None and (note := unused.new(raw, row)):
             warn(RowProblem(str(path), number, where + note))
         if problem is not None:
             yield problem
