@@ -130,7 +130,7 @@ def test_cli_relaunches_itself_once(monkeypatch, capsys):
     for key, value in TORCHRUN_ENV.items():  # now as one of the launched processes: train, never re-launch
         monkeypatch.setenv(key, value)
     trained = []
-    monkeypatch.setattr(training, "train", lambda r: trained.append(r) or SimpleNamespace(metrics={}, output_dir="x"))
+    monkeypatch.setattr(training, "train", lambda r, **kw: trained.append(r) or SimpleNamespace(metrics={}, output_dir="x"))
     assert cli.main(args) == 0
     assert len(ran) == 1 and len(trained) == 1
     assert capsys.readouterr().out == ""  # rank 1 prints no summary

@@ -6,11 +6,13 @@ from .config import Recipe, RecipeError, load_recipe  # noqa: E402
 from .errors import PreflightError, VlmtuneError  # noqa: E402
 
 
-def train(recipe, log=print):
-    """Check the recipe, model and data, train, and write the adapter folder (see vlmtune.training)."""
+def train(recipe, log=print, overwrite: bool = False):
+    """Check the recipe, model and data, train, and write the adapter folder (see vlmtune.training).
+
+    overwrite: replace a run already in output_dir (it stays whole until the new one is complete)."""
     from .training import train as _train
 
-    return _train(recipe, log=log)
+    return _train(recipe, log=log, overwrite=overwrite)
 
 
 def plan(recipe):

@@ -25,7 +25,7 @@ def cmd_sft(args) -> int:
     if distributed.needs_launch(recipe):  # more than one process asked for, and no launcher started this one
         return distributed.relaunch(recipe, args.argv, entry=distributed.entry_script(),
                                     log=lambda m: print(m, file=sys.stderr))
-    result = train(recipe)
+    result = train(recipe, overwrite=args.overwrite)
     if not distributed.is_main_process():
         return 0
     m = result.metrics
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if name == "sft":
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a run already in output_dir (kept whole until the new one is complete)")
         if name == "validate":
             p.add_argument("--decode", action="store_true",
                            help="decode every image in full (slower): also finds truncated or corrupt pixel data")

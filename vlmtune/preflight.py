@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Recipe
+from .config import FieldError, Recipe
 from .data.formats import reader_options
 from .data.formatting import Formatter
 from .data.prepare import PreparedData, prepare
@@ -30,6 +30,7 @@ class Plan:
 def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
     """Model config, family and formatter (processor inside) for a recipe; PreflightError if the model is wrong."""
     errors, model_config, family = check_model(recipe)
+    errors.extend(reporting_errors(recipe))
     if family is not None:
         from .distributed import check_distributed
 
@@ -38,6 +39,28 @@ def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe)
     return model_config, family, Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+
+
+_PIP_NAMES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
+
+
+def reporting_errors(recipe: Recipe) -> list[FieldError]:
+    """train.report_to: each integration known and installed (else the Trainer fails later, in its set-up)."""
+    wanted = [name for name in recipe.train.report_to if name not in ("none", "all")]
+    if not wanted:
+        return []
+    from transformers.integrations import integration_utils as integrations
+
+    installed = set(integrations.get_available_reporting_integrations())
+    errors = []
+    for name in wanted:
+        if name not in integrations.INTEGRATION_TO_CALLBACK:
+            errors.append(FieldError("train.report_to", f"unknown integration {name!r}; known: none, all, "
+                                     f"{', '.join(sorted(integrations.INTEGRATION_TO_CALLBACK))}"))
+        elif name not in installed:
+            errors.append(FieldError("train.report_to", f"{name} is not installed: pip install "
+                                     f"{_PIP_NAMES.get(name, name)}, or set train.report_to: none"))
+    return errors
 
 
 def check_data(recipe: Recipe, family: Family, formatter: Formatter,

@@ -19,9 +19,7 @@ from .data.dataset import to_dataset
 from .errors import VlmtuneError
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
-
-METADATA_FILE = "vlmtune.json"
-RESULTS_FILE = "train_results.json"
+from .run_folder import METADATA_FILE, RESULTS_FILE, STAGING_PREFIX  # noqa: F401 (METADATA_FILE: read elsewhere)
 
 
 @dataclass
@@ -137,9 +135,10 @@ def _trainer_class():
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
+    from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
 
-    class VisionSFTTrainer(GuardedTrainer, SFTTrainer):
+    class VisionSFTTrainer(GuardedTrainer, AtomicCheckpoints, SFTTrainer):
         def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
             self._lengths = lengths
             super().__init__(*args, **kwargs)
@@ -185,12 +184,19 @@ def _world_size() -> int:
     return world_size()
 
 
-def train(recipe: Recipe, log=print) -> TrainResult:
-    """Check everything, train, and write the adapter folder; nothing half-written if interrupted."""
+def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
+    """Check everything, train, and write the adapter folder; nothing half-written if interrupted.
+
+    overwrite: replace a run already in output_dir (it stays whole until the new one is complete)."""
+    from . import checkpoints, run_folder
     from .distributed import gathered_adapter_state, is_main_process
 
-    if not is_main_process():  # only rank 0 reports
+    main = is_main_process()
+    if not main:  # only rank 0 reports
         log = _quiet
+    log(f"output folder: {run_folder.output_path(recipe)}")
+    folder = run_folder.prepare(recipe, overwrite=overwrite, log=log, main=main)
+    resume = checkpoints.resume_point(recipe, folder, log, main=main)
     plan = plan_run(recipe)
     log(f"model: {recipe.model.name_or_path} (family {plan.family.name}, {plan.runtime.device}, "
         f"{str(plan.runtime.dtype).removeprefix('torch.')}, attention {plan.runtime.attn_implementation}, "
@@ -198,13 +204,15 @@ def train(recipe: Recipe, log=print) -> TrainResult:
     log("train data: " + plan.train.summary())
     if plan.eval is not None:
         log("eval data: " + plan.eval.summary())
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer, report = build_trainer(plan, out / "checkpoints", log)
+    if resume is not None:
+        checkpoints.check_same_run(resume, plan)
+    folder.create()
+    trainer, report = build_trainer(plan, folder.checkpoints, log)
+    trainer.run_identity = checkpoints.run_identity(plan)  # saved into each checkpoint for resume checks
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_point(recipe, out / "checkpoints"))
+    output = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(output.metrics)
     metrics["global_step"] = trainer.state.global_step
     metrics.update(_data_metrics(plan, metrics))
@@ -216,9 +224,10 @@ def train(recipe: Recipe, log=print) -> TrainResult:
     metrics.update(trainer.bad_sample_report())  # collective under multi-process: every rank
     adapter_state = gathered_adapter_state(trainer.model)  # ZeRO-3: collective, every rank; else None
     if trainer.is_world_process_zero():
-        write_outputs(trainer, plan, out, metrics, adapter_state=adapter_state)
-        log(f"saved adapter, processor and metadata to {out}")
-    return TrainResult(out, metrics, {k: v[0] for k, v in report.items()})
+        write_outputs(trainer, plan, folder.work, metrics, adapter_state=adapter_state)
+        folder.finish(log)
+        log(f"saved adapter, processor and metadata to {folder.final}")
+    return TrainResult(folder.final, metrics, {k: v[0] for k, v in report.items()})
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -232,24 +241,6 @@ def _final_eval(trainer) -> dict:
     if logged:
         return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
     return trainer.evaluate()
-
-
-def resume_point(recipe: Recipe, checkpoints: Path) -> str | None:
-    """The checkpoint folder to resume from, or None to start fresh."""
-    wanted = recipe.train.resume_from_checkpoint
-    if wanted is None:
-        return None
-    if wanted == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last is None:
-            raise VlmtuneError(f"train.resume_from_checkpoint=latest: no checkpoint-N folder in {checkpoints}; "
-                               "remove the option to start fresh")
-        return last
-    if not Path(wanted).is_dir():
-        raise VlmtuneError(f"train.resume_from_checkpoint: folder not found: {wanted}")
-    return wanted
 
 
 def _data_metrics(plan: Plan, metrics: dict) -> dict:
@@ -273,25 +264,32 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
     """Adapter, processor, resolved recipe, metrics, then metadata last, each moved into place whole.
 
     adapter_state: the adapter weights gathered from every ZeRO-3 rank (else read from the model)."""
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    from .checkpoints import adapter_bytes
+    from .disk import check_space, full_disk_as_error
+
+    needed = adapter_bytes(trainer.model) + 16 * 2**20  # and the processor's files (tokenizer: a few MB)
+    what = f"the adapter was not written to {out}"
+    check_space(out, needed, what)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        if adapter_state is not None:
-            trainer.model.save_pretrained(staging, state_dict=adapter_state)
-        else:
-            trainer.model.save_pretrained(staging)
-        plan.processor.save_pretrained(staging)
-        (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
-        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
-        meta = metadata(plan)
-        (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
-        names = sorted(p.name for p in staging.iterdir())
-        for name in names:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-        meta_tmp = out / f".{METADATA_FILE}.tmp"
-        meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(meta_tmp, out / METADATA_FILE)
+        with full_disk_as_error(out, needed, what, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True)):
+            if adapter_state is not None:
+                trainer.model.save_pretrained(staging, state_dict=adapter_state)
+            else:
+                trainer.model.save_pretrained(staging)
+            plan.processor.save_pretrained(staging)
+            (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
+            (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+            meta = metadata(plan)
+            (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
+            names = sorted(p.name for p in staging.iterdir())
+            for name in names:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(staging / name, target)
+            meta_tmp = out / f".{METADATA_FILE}.tmp"
+            meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            os.replace(meta_tmp, out / METADATA_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

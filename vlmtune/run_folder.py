@@ -1,0 +1,183 @@
+"""A run's output folder: whether a new run may write there, where it writes, and replacing an old run whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Recipe
+from .disk import existing_ancestor
+from .errors import VlmtuneError
+
+METADATA_FILE = "vlmtune.json"  # written last: a folder that holds it is a finished run
+RESULTS_FILE = "train_results.json"
+RECIPE_FILE = "recipe.yaml"
+CHECKPOINTS = "checkpoints"
+STAGING_PREFIX = ".staging-"  # the final write's temporary folder (training.write_outputs)
+_RUN_ENTRIES = {METADATA_FILE, RESULTS_FILE, RECIPE_FILE, CHECKPOINTS}
+OVERWRITE_HINT = "--overwrite (vlmtune.train(..., overwrite=True))"
+
+
+@dataclass
+class RunFolder:
+    """Where a run ends up (`final`) and where it is written (`work`): the same folder, or a hidden sibling
+    while an earlier run is being replaced (the earlier run stays whole until the new one is complete)."""
+
+    final: Path
+    work: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work / CHECKPOINTS
+
+    @property
+    def replacing(self) -> bool:
+        return self.work != self.final
+
+    def create(self) -> None:
+        """Make the folder the run writes to (after every check passed: a refused run leaves nothing)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def finish(self, log=print) -> None:
+        """Put a complete replacement in place of the earlier run: two renames, no copy."""
+        if not self.replacing:
+            return
+        aside = _aside(self.final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.final, aside)
+        os.replace(self.work, self.final)
+        shutil.rmtree(aside, ignore_errors=True)
+        log(f"replaced the earlier run in {self.final}")
+
+
+def output_path(recipe: Recipe) -> Path:
+    return Path(recipe.output_dir).expanduser().absolute()
+
+
+def run_state(folder: Path) -> str:
+    """new | empty | finished | interrupted (a run's files without vlmtune.json) | foreign (someone else's files)."""
+    if not folder.is_dir():
+        return "new"
+    names = {p.name for p in folder.iterdir()}
+    if METADATA_FILE in names:
+        return "finished"
+    if names & _RUN_ENTRIES or any(n.startswith(STAGING_PREFIX) for n in names):
+        return "interrupted"
+    return "foreign" if any(not n.startswith(".") for n in names) else "empty"
+
+
+def prepare(recipe: Recipe, overwrite: bool = False, log=print, main: bool = True) -> RunFolder:
+    """Check that the run may write to output_dir, before any work; where it writes (RunFolder.create makes it).
+
+    A finished or interrupted run there is refused unless resumed or `overwrite`; with `overwrite` the new run
+    is written beside it and swapped in when complete. `main`: this process may move and delete files."""
+    out = output_path(recipe)
+    _check_place(out, recipe)
+    if main:
+        _complete_interrupted_swap(out, log)
+    state = run_state(out)
+    resume = recipe.train.resume_from_checkpoint is not None
+    if state == "foreign":
+        shown = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        raise VlmtuneError(f"output_dir {out} is not empty and holds no vlmtune run ({', '.join(shown[:5])}"
+                           f"{', ...' if len(shown) > 5 else ''}); choose a new or empty folder (--overwrite "
+                           "replaces only a folder that holds a vlmtune run)")
+    if state in ("finished", "interrupted") and overwrite:
+        return RunFolder(out, _replacement(out, resume, log, main))
+    if state in ("finished", "interrupted") and not resume:
+        raise VlmtuneError(_refusal(out, state))
+    return RunFolder(out, out)
+
+
+def _refusal(out: Path, state: str) -> str:
+    if state == "finished":
+        return (f"output_dir {out} already holds a finished run ({_finished_summary(out)}), which this run would "
+                f"replace. Choose another output_dir to keep it; add {OVERWRITE_HINT} to replace it (it stays whole "
+                "until the new run is complete); or continue it with train.resume_from_checkpoint=latest and a "
+                "larger train.max_steps")
+    found = sorted(p.name for p in (out / CHECKPOINTS).glob("checkpoint-*")) if (out / CHECKPOINTS).is_dir() else []
+    held = f"checkpoints {', '.join(found)}" if found else "no checkpoint yet"
+    return (f"output_dir {out} holds a run that did not finish ({held}; no {METADATA_FILE}). Continue it with "
+            f"train.resume_from_checkpoint=latest, replace it with {OVERWRITE_HINT}, or choose another output_dir")
+
+
+def _finished_summary(out: Path) -> str:
+    import json
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime((out / METADATA_FILE).stat().st_mtime))
+    try:
+        steps = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError):
+        steps = None
+    return f"written {when}" + (f", {steps} steps" if steps is not None else "")
+
+
+def _replacement(out: Path, resume: bool, log, main: bool) -> Path:
+    """The hidden sibling the replacing run is written to; with resume, the one an earlier --overwrite left."""
+    if os.path.ismount(out):
+        raise VlmtuneError(f"output_dir {out} is a mount point: {OVERWRITE_HINT} replaces the folder by renaming "
+                           "it, which a mount point cannot be; choose a folder inside it as output_dir")
+    work = _staging(out)
+    if resume:
+        if not (work / CHECKPOINTS).is_dir():
+            raise VlmtuneError(f"train.resume_from_checkpoint with --overwrite continues an unfinished replacement "
+                               f"run, and there is none ({work} holds no checkpoints). Drop --overwrite to continue "
+                               f"the run in {out}, or drop resume_from_checkpoint to replace it from scratch")
+        log(f"continuing the unfinished replacement of {out} in {work}")
+        return work
+    if main and work.exists():
+        shutil.rmtree(work)
+        log(f"removed {work}: an unfinished replacement run left by an earlier --overwrite")
+    log(f"--overwrite: the new run is written to {work}; it replaces {out} when it is complete")
+    return work
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.vlmtune-new"
+
+
+def _aside(out: Path) -> Path:
+    return out.parent / f".{out.name}.vlmtune-old"
+
+
+def _complete_interrupted_swap(out: Path, log) -> None:
+    """A kill between RunFolder.finish's two renames leaves the earlier run aside: finish the swap."""
+    aside, staging = _aside(out), _staging(out)
+    if not aside.exists():
+        return
+    if not out.exists():
+        complete = (staging / METADATA_FILE).is_file()
+        os.replace(staging if complete else aside, out)
+        log(f"completed an interrupted replacement of {out}" if complete else f"restored the earlier run in {out}")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _check_place(out: Path, recipe: Recipe) -> None:
+    """A folder (not a file), writable, and apart from the base model."""
+    if out.exists() and not out.is_dir():
+        raise VlmtuneError(f"output_dir {out} is a file, not a folder; give a new or empty folder")
+    probe = existing_ancestor(out)
+    if not probe.is_dir():
+        raise VlmtuneError(f"output_dir {out} cannot be created: {probe} is a file; give a folder path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".vlmtune-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise VlmtuneError(f"output_dir {out}: cannot write in {probe} ({e.strerror or e}); choose a folder on a "
+                           "writable disk (not a read-only mount) that you have permission to write to") from None
+    from .modeling import BUILTIN_PREFIX
+
+    base = Path(recipe.model.name_or_path).expanduser()
+    if recipe.model.name_or_path.startswith(BUILTIN_PREFIX) or not base.is_dir():
+        return  # a built-in tiny model or a hub id: its files live in a cache
+    base, where = base.resolve(), out.resolve()
+    relation = ("is" if where == base else "lies inside" if base in where.parents
+                else "contains" if where in base.parents else None)
+    if relation:
+        raise VlmtuneError(f"output_dir {out} {relation} the base model folder {base}; a run must not write into "
+                           "(or replace) the model it trains: choose a folder outside it")
