@@ -115,7 +115,7 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
     samples = []
     image_id = formatter.image_token_id
     rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                     read_options=reader_options(d))
+                     read_options=reader_options(d), max_image_pixels=d.max_image_pixels)
     for r in rows:
         if index is not None and r.row != index:
             continue
