@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,9 @@ def test_an_interrupted_run_is_refused_without_resume(finished, data, tmp_path, 
     message = str(e.value)
     assert "holds a run that did not finish (checkpoints checkpoint-1, checkpoint-2; no vlmtune.json)" in message
     assert "train.resume_from_checkpoint=latest" in message and "--overwrite" in message
+    shutil.rmtree(out / "checkpoints")  # killed before its first checkpoint: nothing to resume
+    with pytest.raises(vlmtune.VlmtuneError, match="did not finish and saved no checkpoint .* --overwrite"):
+        vlmtune.train(recipe_at(out, data), log=quiet)
 
 
 def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(finished, data, tmp_path, monkeypatch):

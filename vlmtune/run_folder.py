@@ -100,9 +100,12 @@ def _refusal(out: Path, state: str) -> str:
                 "until the new run is complete); or continue it with train.resume_from_checkpoint=latest and a "
                 "larger train.max_steps")
     found = sorted(p.name for p in (out / CHECKPOINTS).glob("checkpoint-*")) if (out / CHECKPOINTS).is_dir() else []
-    held = f"checkpoints {', '.join(found)}" if found else "no checkpoint yet"
-    return (f"output_dir {out} holds a run that did not finish ({held}; no {METADATA_FILE}). Continue it with "
-            f"train.resume_from_checkpoint=latest, replace it with {OVERWRITE_HINT}, or choose another output_dir")
+    if not found:
+        return (f"output_dir {out} holds a run that did not finish and saved no checkpoint (no {METADATA_FILE}); "
+                f"replace it with {OVERWRITE_HINT}, or choose another output_dir")
+    return (f"output_dir {out} holds a run that did not finish (checkpoints {', '.join(found)}; no {METADATA_FILE}). "
+            f"Continue it with train.resume_from_checkpoint=latest, replace it with {OVERWRITE_HINT}, or choose "
+            "another output_dir")
 
 
 def _finished_summary(out: Path) -> str:
