@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -203,8 +204,11 @@ def build_tiny_model_dir(out_dir: str | os.PathLike, family: str = "qwen2_vl", s
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(out)
-        proc.save_pretrained(out)
+        # saving may import DeepSpeed, whose logger prints to stdout: keep stdout for the command's output
+        # (`inspect --json` on a first run)
+        with contextlib.redirect_stdout(sys.stderr):
+            model.save_pretrained(out)
+            proc.save_pretrained(out)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
