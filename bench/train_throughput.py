@@ -479,7 +479,7 @@ def run_vlmtune(spec: dict) -> dict:
     recipe_path = write_recipe(spec, Path(spec["run_dir"]).parent / "vlmtune-recipe.yaml")
     recipe = vlmtune.load_recipe(recipe_path, overrides=recipe_overrides(spec))
     t0 = time.perf_counter()
-    result = vlmtune.train(recipe)
+    result = vlmtune.train(recipe, overwrite=True)  # the arm's own scratch folder: a re-run replaces it
     total = time.perf_counter() - t0
     m = result.metrics
     cuda = torch.cuda.is_available()
