@@ -26,8 +26,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check vlmtune tests bench
 
+# a second `make demo` refuses to replace the finished run: `make demo DEMO_ARGS=--overwrite` replaces it
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/vlmtune sft recipes/tiny-demo.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/vlmtune sft recipes/tiny-demo.yaml $(DEMO_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

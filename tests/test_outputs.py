@@ -102,6 +102,17 @@ def test_overwrite_keeps_the_old_run_whole_until_the_new_one_is_complete(finishe
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # no staging or old folder beside it
 
 
+def test_overwrite_never_deletes_files_the_run_did_not_write(finished, data, tmp_path):
+    out = copy_run(finished, tmp_path)
+    assert "adapter_model.safetensors" in json.loads((out / "vlmtune.json").read_text())["files"]
+    (out / "eval-preds.jsonl").write_text('{"prediction": "mine"}\n')  # e.g. `predict --out` into the run
+    before = snapshot(out)
+    new = recipe_at(out, data, **{"train.max_steps": 1, "train.save_steps": 1000})
+    with pytest.raises(vlmtune.VlmtuneError, match=r"files its run did not write \(eval-preds.jsonl\)"):
+        vlmtune.train(new, log=quiet, overwrite=True)
+    assert snapshot(out) == before
+
+
 def test_sft_refuses_a_finished_run_and_passes_overwrite_on(data, tmp_path, monkeypatch, capsys, no_work):
     out = tmp_path / "run"
     out.mkdir()

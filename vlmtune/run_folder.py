@@ -87,10 +87,33 @@ def prepare(recipe: Recipe, overwrite: bool = False, log=print, main: bool = Tru
                            f"{', ...' if len(shown) > 5 else ''}); choose a new or empty folder (--overwrite "
                            "replaces only a folder that holds a vlmtune run)")
     if state in ("finished", "interrupted") and overwrite:
+        others = _not_the_runs(out, state)
+        if others:
+            raise VlmtuneError(f"output_dir {out} holds files its run did not write ({', '.join(others[:5])}"
+                               f"{', ...' if len(others) > 5 else ''}), which {OVERWRITE_HINT} would delete with "
+                               "the run; move them out first, or choose another output_dir")
         return RunFolder(out, _replacement(out, resume, log, main))
     if state in ("finished", "interrupted") and not resume:
         raise VlmtuneError(_refusal(out, state))
     return RunFolder(out, out)
+
+
+def _not_the_runs(out: Path, state: str) -> list[str]:
+    """Names in a run's folder that the run did not write (a user's predictions, notes, ...).
+
+    A finished run lists its files in vlmtune.json; one written before that list existed is taken as whole."""
+    import json
+
+    own = set(_RUN_ENTRIES)
+    if state == "finished":
+        try:
+            files = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError):
+            files = None
+        if files is None:
+            return []
+        own.update(files)
+    return sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
 
 
 def _refusal(out: Path, state: str) -> str:

@@ -283,6 +283,7 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             meta = metadata(plan)
             (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
             names = sorted(p.name for p in staging.iterdir())
+            meta["files"] = names  # what this run wrote: --overwrite refuses to delete anything else
             for name in names:
                 target = out / name
                 if target.is_dir():
