@@ -253,3 +253,33 @@ def test_predictions_are_written_as_they_come_and_kept_on_a_crash(merged, data_f
     assert [json.loads(line) for line in out.read_text().splitlines()] == records and not partial.exists()
     by_source = {r["source"]: r["prediction"] for r in records}
     assert all(by_source[r["source"]] == r["prediction"] for r in kept)  # the kept ones are the real predictions
+
+
+def test_predict_keeps_a_rows_tools_as_training_does(tmp_path, processor_for):
+    """A row's tool definitions reach the prompt (a template that renders them) or refuse it (one that does not)."""
+    import copy
+
+    from PIL import Image
+
+    from vlmtune import families
+    from vlmtune.data.formatting import Formatter
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.prediction import Loaded
+
+    from .test_peer_layouts import TOOLS, TOOLS_TEMPLATE
+
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                   {"from": "gpt", "value": "Red."}],
+                                 "images": ["red.png"], "tools": json.dumps(TOOLS)}]))
+    (prompt,) = read_prompts(path, None, "sharegpt", {})
+    assert prompt.tools == TOOLS
+    family = families.get("qwen2_vl")
+    plain = processor_for("qwen2_vl")
+    with pytest.raises(VlmtuneError, match='gives "tools"'):
+        encode(Loaded(None, plain, family, Formatter(family, plain), "model"), prompt)
+    processor = copy.copy(plain)
+    processor.chat_template = TOOLS_TEMPLATE + plain.chat_template
+    example = encode(Loaded(None, processor, family, Formatter(family, processor), "model"), prompt)
+    assert '"name": "get_weather"' in processor.tokenizer.decode(example.input_ids)

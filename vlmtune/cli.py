@@ -101,7 +101,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("model", help="merged model folder, adapter folder, or model id/folder")
     p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
     p.add_argument("--prompt", help="the user's question")
-    p.add_argument("--data", help="messages JSONL file: one prediction per row")
+    p.add_argument("--data", help="data file (any data format, see --format) or dataset_info.json#name: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")
     p.add_argument("--format", choices=FORMATS,
                    help="data format of --data (default: the one the adapter was trained on, else messages)")

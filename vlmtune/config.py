@@ -53,7 +53,7 @@ class LoraConfig:
 class DataConfig:
     train: str = ""
     eval: str | None = None
-    format: str = "messages"  # row layout: messages | llava | sharegpt | vqa | caption (data_templates/README.md)
+    format: str = "messages"  # row layout: one of data.formats.FORMATS (data_templates/README.md)
     image_root: str | None = None
     columns: dict[str, str] = field(default_factory=dict)  # layout field -> column/key name in the data
     caption_prompt: str = "Describe this image."  # the user prompt of format: caption

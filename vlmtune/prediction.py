@@ -123,6 +123,7 @@ class Prompt:
     row: dict
     reference: str | None = None
     source: str = ""
+    tools: list = field(default_factory=list)  # tool definitions for the chat template, as in training
 
     @property
     def images(self) -> list[str]:
@@ -193,7 +194,7 @@ def _prompts_from_format(path: Path, image_root: str | None, fmt: str, options: 
         *turns, last = item.turns
         row = {"messages": [{**m, "images": t.images} for m, t in zip(template_messages(item.turns), item.turns,
                                                                         strict=True)]}
-        prompts.append(Prompt(turns, row, last.text, item.source))
+        prompts.append(Prompt(turns, row, last.text, item.source, list(item.tools)))
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:20])
         raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}")
@@ -235,7 +236,8 @@ def encode(loaded: Loaded, prompt: Prompt) -> Example:
     The conversation gets a placeholder reply and goes through training's own formatting (image token
     counts, grids, tokenization in runs between replies); the tokens before that reply are the prompt.
     """
-    conv = Conversation([*prompt.turns, Turn("assistant", [Part(type="text", text="-")])], source=prompt.source)
+    conv = Conversation([*prompt.turns, Turn("assistant", [Part(type="text", text="-")])], source=prompt.source,
+                        tools=list(prompt.tools))
     try:  # an image (say, over the pixel limit) is a problem of its row, as in training
         dims = [image_size(Path(p)) for p in conv.images]
         example = format_example(conv, loaded.prompt_formatter, loaded.family, dims, loaded.processor)
