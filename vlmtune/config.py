@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,10 @@ import yaml
 from .data.conversation import TrainOn
 from .data.formats import FIELDS, FORMATS
 from .data.readers import llamafactory
+from .errors import FieldError
+from .recipe_distributed import distributed_errors
+from .recipe_paths import PATH_FIELDS, paths_resolved  # noqa: F401 (PATH_FIELDS: part of this module's API)
+from .recipe_ranges import BOUNDS, Bound  # noqa: F401 (Bound: part of this module's API)
 
 
 @dataclass
@@ -156,81 +159,6 @@ ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float
 
 
 
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric field allows: [low, high] (either end open or absent), plus a few special values."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    also: tuple = ()  # values allowed outside the range (max_steps: -1)
-    meaning: str = ""  # what an edge or special value means, shown in the message
-
-    def allows(self, v) -> bool:
-        if v in self.also:
-            return True
-        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
-        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
-        return above and below
-
-    def describe(self, integer: bool) -> str:
-        if self.high is not None and self.low is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            text = f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
-        elif integer and self.low == 1 and not self.low_open:
-            text = "a positive integer"
-        elif self.low is not None:
-            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
-        else:
-            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
-        return " or ".join([*(str(a) for a in self.also), text])
-
-    def problem(self, v, integer: bool) -> str | None:
-        """The message for a value outside the range (non-finite included), None for one inside."""
-        why = f"; {self.meaning}" if self.meaning else ""
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"must be a finite number ({self.describe(integer)}), got {v}{why}"
-        return None if self.allows(v) else f"must be {self.describe(integer)}, got {v}{why}"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-POSITIVE, NON_NEGATIVE, PATCH = Bound(0, low_open=True), Bound(0), Bound(28 * 28, meaning="one 28x28 patch")
-COUNT = Bound(1)  # a positive integer
-BOUNDS = {  # every int and float field of the schema: tests/test_config.py fails on a field missing here
-    "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": Bound(0, 1, high_open=True),
-    "data.max_length": COUNT, "data.min_pixels": PATCH, "data.max_pixels": PATCH,
-    "data.video_fps": Bound(0, low_open=True, meaning="frames sampled per second"),
-    "data.video_max_frames": Bound(2, meaning="frames are grouped in pairs"),
-    "data.video_min_pixels": PATCH, "data.video_max_pixels": PATCH, "data.num_workers": NON_NEGATIVE,
-    "data.max_image_pixels": Bound(1, 178_956_970, meaning="Pillow refuses larger images"), "data.max_bad_samples": Bound(0, meaning="0 stops on the first bad sample"),
-    "data.max_row_bytes": COUNT,
-    "train.num_train_epochs": NON_NEGATIVE,
-    "train.max_steps": Bound(1, also=(-1,), meaning="-1 trains for num_train_epochs"),
-    "train.per_device_train_batch_size": COUNT, "train.per_device_eval_batch_size": COUNT,
-    "train.gradient_accumulation_steps": COUNT, "train.learning_rate": POSITIVE, "train.weight_decay": NON_NEGATIVE,
-    "train.warmup_ratio": Bound(0, 1, high_open=True),
-    "train.max_grad_norm": Bound(0, meaning="0 turns gradient clipping off"),
-    "train.logging_steps": COUNT, "train.save_steps": COUNT,
-    "train.save_total_limit": Bound(1, meaning="null keeps every checkpoint"), "train.eval_steps": COUNT,
-    "train.seed": Bound(0, 2**32 - 1), "train.max_nonfinite_steps": COUNT,
-    "distributed.num_processes": COUNT, "distributed.num_nodes": COUNT, "distributed.node_rank": NON_NEGATIVE,
-    "distributed.master_port": Bound(1, 65535, meaning="a TCP port"),
-}
-
-
-@dataclass(frozen=True)
-class FieldError:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
 class RecipeError(ValueError):
     """Every problem found in a recipe, each naming its field and the fix."""
 
@@ -265,7 +193,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
             raise RecipeError([FieldError("", "the recipe must be a mapping of sections (model, data, ...)")], source)
     errors: list[FieldError] = []
     if source:
-        raw = _paths_resolved("", raw, Path(source).parent)
+        raw = paths_resolved("", raw, Path(source).parent)
     raw = apply_overrides(raw, overrides or {}, errors)
     recipe = _build(Recipe, raw, "", errors)
     recipe.source = source
@@ -293,7 +221,7 @@ def apply_overrides(raw: dict, overrides: dict | list[str], errors: list[FieldEr
                                          f"e.g. {key.strip()}='{value}'"))
         items = parsed
     for key, value in items:
-        value = _paths_resolved(key, value, Path.cwd())  # a path typed on the command line: where it was typed
+        value = paths_resolved(key, value, Path.cwd())  # a path typed on the command line: where it was typed
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -464,30 +392,6 @@ def _number_errors(recipe: Recipe) -> list[FieldError]:
     return errs
 
 
-PATH_FIELDS = ("model.name_or_path", "data.train", "data.eval", "data.image_root", "train.resume_from_checkpoint",
-               "distributed.deepspeed", "distributed.hostfile", "output_dir")
-
-
-def _paths_resolved(key: str, value, base: Path):
-    """`value` as set at dotted `key`, with every path field in it made absolute against `base`.
-
-    The one rule: a relative path in a recipe file is relative to that file's folder, one given as an override
-    is relative to the working directory (data_templates/README.md, "Paths").
-    """
-    if isinstance(value, dict):
-        return {k: _paths_resolved(f"{key}.{k}" if key else str(k), v, base) for k, v in value.items()}
-    if key not in PATH_FIELDS or not isinstance(value, str) or not value:
-        return value
-    if key == "distributed.deepspeed" and not value.endswith(".json"):
-        return value  # none or a preset name
-    if key == "train.resume_from_checkpoint" and value == "latest":
-        return value
-    if key == "model.name_or_path" and not (value in (".", "..") or value.startswith(("./", "../", "~", "/"))
-                                            or (base / value).exists()):
-        return value  # a Hugging Face id (org/name) or builtin:NAME
-    return os.path.abspath(base / os.path.expanduser(value))
-
-
 def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     """Every value problem in a built recipe (types were checked while building)."""
     errs: list[FieldError] = []
@@ -535,61 +439,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
          "must be positive (or set train.max_steps)")
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
     need(bool(recipe.output_dir), "output_dir", "is required")
-    errs.extend(_distributed_errors(recipe, check_paths))
-    return errs
-
-
-def _distributed_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
-    """The distributed section, and the combinations with quantization that DeepSpeed cannot run."""
-    from . import deepspeed_config
-
-    errs: list[FieldError] = []
-    dist, q = recipe.distributed, recipe.quantization
-    ds = dist.deepspeed
-    presets = ", ".join(deepspeed_config.PRESET_NAMES)
-    config = None
-    if deepspeed_config.is_preset(ds):
-        config = deepspeed_config.load(ds)
-    elif ds != "none":
-        if not ds.endswith(".json"):
-            close = difflib.get_close_matches(ds, deepspeed_config.PRESET_NAMES, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            errs.append(FieldError("distributed.deepspeed", f"must be none, {presets} or the path of a DeepSpeed "
-                                   f"JSON config, got {_show(ds)}{hint}"))
-        elif check_paths:
-            try:
-                config = deepspeed_config.load(ds)
-            except deepspeed_config.DeepSpeedConfigError as e:
-                errs.append(FieldError("distributed.deepspeed", str(e)))
-    if dist.node_rank is not None and dist.node_rank >= max(dist.num_nodes, 1):  # below 0: BOUNDS
-        errs.append(FieldError("distributed.node_rank", f"must be in [0, num_nodes={dist.num_nodes}), got {dist.node_rank}"))
-    if dist.hostfile:
-        if check_paths and not Path(dist.hostfile).expanduser().is_file():
-            errs.append(FieldError("distributed.hostfile", f"file not found: {dist.hostfile}"))
-        if dist.launcher in ("torchrun", "accelerate"):
-            errs.append(FieldError("distributed.hostfile", f"is read by the deepspeed launcher, not {dist.launcher}; "
-                                   "set distributed.launcher=deepspeed (or auto), or give num_nodes, node_rank and "
-                                   "master_addr and start vlmtune on every node"))
-        if dist.node_rank is not None:
-            errs.append(FieldError("distributed.node_rank", "is not used with a hostfile: the deepspeed launcher "
-                                   "starts every node of the hostfile itself; remove one of them"))
-        if ds == "none":
-            errs.append(FieldError("distributed.hostfile", "needs distributed.deepspeed (zero2, zero3, ...): "
-                                   "the hostfile is read by the deepspeed launcher"))
-    if dist.launcher == "deepspeed" and ds == "none":
-        errs.append(FieldError("distributed.launcher", "deepspeed needs distributed.deepspeed set (zero2, zero3, ...); "
-                               "plain data parallel runs under torchrun"))
-    if config is not None:
-        stage = deepspeed_config.zero_stage(config)
-        offload = deepspeed_config.offloads(config)
-        if stage == 3 and q.mode == "8bit":
-            errs.append(FieldError("quantization.mode", "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; "
-                                   "use quantization.mode=4bit (QLoRA) or distributed.deepspeed=zero2"))
-        if q.mode == "4bit" and offload["param"]:
-            errs.append(FieldError("distributed.deepspeed", "4-bit (QLoRA) with ZeRO-3 parameter offload is not "
-                                   "supported (bitsandbytes' packed 4-bit weights and their quantization state are "
-                                   "not made to be paged to the CPU and back); use zero3 without offload_param, "
-                                   "or quantization.mode=none with zero3_offload"))
+    errs.extend(distributed_errors(recipe, check_paths))
     return errs
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class VlmtuneError(Exception):
     """Base class: a message that names what is wrong and how to fix it."""
@@ -16,3 +18,12 @@ class PreflightError(VlmtuneError):
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
         n = len(problems)
         super().__init__(f"{n} problem{'s' if n != 1 else ''} found before training:\n{shown}{more}")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
