@@ -122,3 +122,20 @@ def test_an_update_that_overflows_the_output_dtype_is_refused(tmp_path):
     with pytest.raises(vlmtune.VlmtuneError, match="NaN or infinite values after merging in torch.float16"):
         vlmtune.merge_adapter(adapter, tmp_path / "m", dtype="fp16", check=False, **QUIET)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("content, expected", [("{\"family\": \"qwen2_vl\", ", "is not valid JSON"),
+                                               ("[1, 2]", "holds no JSON object")])
+@pytest.mark.parametrize("name", ["merge", "predict", "predict --data"])
+def test_a_corrupt_vlmtune_json_is_a_clear_error(trained_adapter, tmp_path, capsys, no_model_loading,  # noqa: F811
+                                                 name, content, expected):
+    adapter = copy_adapter(trained_adapter("qwen2_vl"), tmp_path / "adapter")
+    (adapter / "vlmtune.json").write_text(content)
+    args = command(name.split()[0], adapter, tmp_path)
+    if name == "predict --data":  # the data format is looked up in vlmtune.json first
+        args = ["predict", adapter, "--data", tmp_path / "rows.jsonl"]
+    no_model_loading()
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{adapter / 'vlmtune.json'} {expected}" in err and "copy it again from the run's folder" in err
+    assert not (tmp_path / "merged").exists()

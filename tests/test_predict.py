@@ -283,3 +283,45 @@ def test_predict_keeps_a_rows_tools_as_training_does(tmp_path, processor_for):
     processor.chat_template = TOOLS_TEMPLATE + plain.chat_template
     example = encode(Loaded(None, processor, family, Formatter(family, processor), "model"), prompt)
     assert '"name": "get_weather"' in processor.tokenizer.decode(example.input_ids)
+
+
+def test_a_rerun_keeps_the_partial_predictions_of_earlier_runs(data_file, tmp_path, capsys, monkeypatch):
+    """A rerun that fails before its first batch once wrote over <out>.partial and then deleted it."""
+    import os
+
+    import vlmtune.prediction as prediction
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(prediction, "load_for_inference", crash)
+    out, partial = tmp_path / "preds.jsonl", tmp_path / "preds.jsonl.partial"
+    earlier = [json.dumps({"row": {}, "prediction": f"a circle {n}", "reference": None, "source": "x"}) + "\n"
+               for n in (1, 2)]
+    for text in earlier:  # two earlier crashed runs, their files written in the same second
+        partial.write_text(text)
+        os.utime(partial, (1_700_000_000, 1_700_000_000))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            vlmtune.predict("builtin:tiny-qwen2-vl", data=data_file, image_root=str(SHAPES), out=out,
+                            progress=False)
+        assert f"the predictions an earlier run left in {partial} are kept in" in capsys.readouterr().err
+    assert sorted(p.read_text() for p in tmp_path.glob("preds.jsonl.*.partial")) == earlier  # neither written over
+    assert not partial.exists() and not out.exists()
+
+
+def test_every_bad_image_of_another_format_is_reported_before_the_model_loads(tmp_path, capsys,
+                                                                                model_never_loads):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"image": "red.png", "question": "Colour?", "answer": "Red."},
+            {"image": "missing.png", "question": "Colour?", "answer": "Red."},
+            {"image": "broken.png", "question": "Colour?", "answer": "Red."}]
+    data = write_jsonl(tmp_path / "vqa.jsonl", rows)
+    code = main(["predict", "builtin:tiny-qwen2-vl", "--data", str(data), "--format", "vqa"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"2 row(s) of {data} cannot be used" in err
+    assert f"{data}:2: image not found: {tmp_path / 'missing.png'}" in err
+    assert f"{data}:3: image cannot be read: {tmp_path / 'broken.png'}" in err

@@ -19,6 +19,7 @@ import torch
 from . import families
 from .errors import VlmtuneError
 from .merge_lora import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .run_metadata import read_metadata
 from .training import METADATA_FILE
 
 # adapter-folder files that are not part of the processor (everything else is copied byte for byte)
@@ -78,7 +79,7 @@ def check_adapter_folder(folder: Path, base: str | None) -> dict:
         hint = (f"; without {METADATA_FILE} name the base model with --base" if missing == [METADATA_FILE]
                 else "; a complete vlmtune training run writes them all")
         raise VlmtuneError(f"the adapter folder {folder} lacks {', '.join(missing)}{hint}")
-    meta = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else {}
+    meta = read_metadata(folder)
     if base is None and not meta.get("base_model"):
         raise VlmtuneError(f"{folder / METADATA_FILE} names no base_model; name it with --base")
     return meta
@@ -137,10 +138,9 @@ def wrote_by_merge(folder: Path) -> bool:
     if (folder / ADAPTER_CONFIG).exists():
         return False
     try:
-        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return "merged" in read_metadata(folder)
+    except VlmtuneError:  # unreadable: not known to be a merge's output
         return False
-    return isinstance(meta, dict) and "merged" in meta
 
 
 def remove_leftovers(out: Path, log=print) -> None:

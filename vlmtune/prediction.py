@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from .data.prepare import (
 from .errors import VlmtuneError
 from .merge_folder import DTYPES, locate_base, model_family
 from .merge_lora import ADAPTER_CONFIG, read_adapter_files
-from .training import METADATA_FILE
+from .run_metadata import read_metadata
 
 
 @dataclass
@@ -65,7 +66,7 @@ def load_for_inference(path, base: str | None = None, dtype: torch.dtype | None 
     folder = Path(resolve_model_path(str(path))).expanduser()
     if not folder.is_dir():
         raise VlmtuneError(f"model or adapter folder not found: {path}")
-    meta = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).is_file() else {}
+    meta = read_metadata(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -169,13 +170,7 @@ def read_prompts(path, image_root: str | None = None, fmt: str = "messages",
             prompts.append(_prompt_from_row(raw, resolve, source))
         except (RowError, ImageProblem) as e:
             problems.append(f"{source}: {(unit + ' ') if unit else ''}{e}")
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}{more}")
-    if not prompts:
-        raise VlmtuneError(f"{path} has no rows")
-    return prompts
+    return _usable(path, prompts, problems)
 
 
 def _prompts_from_format(path: Path, image_root: str | None, fmt: str, options: dict) -> list[Prompt]:
@@ -192,22 +187,37 @@ def _prompts_from_format(path: Path, image_root: str | None, fmt: str, options: 
             problems.append(str(item))
             continue
         *turns, last = item.turns
+        try:  # before the model loads, as for messages rows
+            _check_images(turns)
+        except ImageProblem as e:
+            problems.append(f"{item.source}: {e}")
+            continue
         row = {"messages": [{**m, "images": t.images} for m, t in zip(template_messages(item.turns), item.turns,
                                                                         strict=True)]}
         prompts.append(Prompt(turns, row, last.text, item.source, list(item.tools)))
+    return _usable(path, prompts, problems)
+
+
+def _usable(path, prompts: list[Prompt], problems: list[str]) -> list[Prompt]:
+    """The prompts of a data file, or one error listing every row that cannot be used."""
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:20])
-        raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}")
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise VlmtuneError(f"{len(problems)} row(s) of {path} cannot be used:\n{shown}{more}")
     if not prompts:
         raise VlmtuneError(f"{path} has no rows")
     return prompts
 
 
+def _check_images(turns: list[Turn]) -> None:
+    """ImageProblem for the first image of the prompt that is missing, unreadable or too large."""
+    for img in (i for t in turns for i in t.images):
+        image_size(Path(img))
+
+
 def _data_settings(model, data_format: str | None) -> tuple[str, dict]:
     """The data format and reader options: given, else as the adapter or merged model was trained."""
-    meta_path = Path(str(model)) / METADATA_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    data = meta.get("data") or {}
+    data = read_metadata(Path(str(model))).get("data") or {}
     options = {"columns": data.get("columns") or {}}
     if data.get("caption_prompt"):
         options["caption_prompt"] = data["caption_prompt"]
@@ -225,8 +235,7 @@ def _prompt_from_row(row, resolve, source: str) -> Prompt:
         # the reader wants an assistant reply: a prompt-only row gets a placeholder, dropped again below
         parsed_row = {**row, "messages": [*messages, {"role": "assistant", "content": "-"}]}
     *turns, last = reader.read(parsed_row, resolve, Options()).turns
-    for img in (i for t in turns for i in t.images):
-        image_size(Path(img))
+    _check_images(turns)
     return Prompt(turns, row, last.text if has_reply else None, source)
 
 
@@ -353,7 +362,8 @@ def _keep_partial(sink: PredictionFile | None):
 
 class PredictionFile:
     """`--out` written as predictions come: each batch is appended to `<out>.partial` at once, and the finished
-    file (in input order) replaces `out` at the end. After a crash the partial file keeps what was done."""
+    file (in input order) replaces `out` at the end. After a crash the partial file keeps what was done; the next
+    run to the same `out` moves it aside (`<out>.<time>.partial`) rather than writing over it."""
 
     def __init__(self, out: Path):
         if out.is_dir():
@@ -361,6 +371,7 @@ class PredictionFile:
         self.out, self.partial, self.done, self.total = out, out.with_name(out.name + ".partial"), 0, 0
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            _keep_earlier(self.partial)
             self.file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed in finish/abandon)
         except OSError as e:
             raise VlmtuneError(f"cannot write --out {out}: {e.strerror or e} ({e.filename or self.partial}); "
@@ -388,6 +399,20 @@ class PredictionFile:
             return ""
         return (f"the {self.done} of {self.total} predictions made before this are in {self.partial} "
                 "(one JSON record per line, in the order they were made)")
+
+
+def _keep_earlier(partial: Path) -> None:
+    """Move an earlier run's partial predictions aside, named by when they were written, and say where."""
+    if not partial.is_file() or partial.stat().st_size == 0:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(partial.stat().st_mtime))
+    stem = partial.name.removesuffix(".partial")
+    aside, n = partial.with_name(f"{stem}.{stamp}.partial"), 1
+    while aside.exists():
+        n += 1
+        aside = partial.with_name(f"{stem}.{stamp}-{n}.partial")
+    os.rename(partial, aside)
+    print(f"predict: the predictions an earlier run left in {partial} are kept in {aside}", file=sys.stderr)
 
 
 def _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size) -> None:
