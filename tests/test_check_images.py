@@ -139,10 +139,57 @@ def test_predict_names_the_row_of_a_decompression_bomb(folder):
 
 def test_predict_on_another_format_names_the_row_of_a_decompression_bomb(folder):
     from vlmtune.errors import VlmtuneError
-    from vlmtune.prediction import encode, load_for_inference, read_prompts
+    from vlmtune.prediction import read_prompts
 
     fake_png(folder / "bomb.png", 30000, 30000)
     path = write_jsonl(folder / "ask.jsonl", [{"image": "bomb.png", "question": "q", "answer": "a"}])
-    (prompt,) = read_prompts(path, fmt="vqa")  # reading rows never opens images
     with pytest.raises(VlmtuneError, match=r"ask.jsonl:1: image .*decompression bombs"):
-        encode(load_for_inference("builtin:tiny-qwen2-vl"), prompt)
+        read_prompts(path, fmt="vqa")  # before any model loads
+
+
+def test_sft_does_not_search_shrink_bounds_unless_it_shrinks(folder, monkeypatch):
+    """Under drop (and error) only validate names the rows shrink_images would keep; sft's checks skip that search."""
+    big_image_rows(folder)
+    rec = load_recipe(recipe(folder, data__max_length=48))
+    _, family, formatter = formatting_for(rec)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the shrink search ran")
+
+    monkeypatch.setattr(prepare_module, "_shrink", no_search)
+    splits, problems = check_data(rec, family, formatter)  # what `vlmtune sft` runs before it loads weights
+    assert problems == [] and len(splits["train"].dropped) == 2 and splits["train"].shrinkable == []
+    with pytest.raises(AssertionError, match="the shrink search ran"):
+        check_data(rec, family, formatter, find_shrinkable=True)  # what validate runs
+
+
+def test_the_decode_reuses_the_sizes_read_from_the_headers(folder, monkeypatch, processor_for, cut_png):
+    write_jsonl(folder / "train.jsonl", [GOOD_ROW, image_row(cut_png), GOOD_ROW])
+    family = get("qwen2_vl")
+    formatter = Formatter(family, processor_for("qwen2_vl"))
+    measured = []
+    real = prepare_module.image_size
+    monkeypatch.setattr(prepare_module, "image_size", lambda path, *a, **k: measured.append(str(path)) or
+                        real(path, *a, **k))
+    data = prepare_module.prepare(folder / "train.jsonl", "messages", None, formatter, family, 2048)
+    assert data.decoded == 2 and [p.row for p in data.problems] == [2]
+    assert sorted(measured) == sorted(set(measured)) and len(measured) == 2  # each file's header read once
+
+
+@pytest.mark.parametrize("local_rank, decoded", [("0", True), ("1", False)])
+def test_only_the_first_process_of_a_machine_decodes_up_front(folder, monkeypatch, cut_png, local_rank, decoded):
+    """Every process reads the same files: the first of each machine decodes them (and stops the run on a broken
+    one), the others read headers only and leave a file that breaks later to the mid-training guard."""
+    from vlmtune.errors import PreflightError
+    from vlmtune.preflight import plan_run
+
+    write_jsonl(folder / "train.jsonl", [GOOD_ROW, image_row(cut_png)])
+    for key, value in {"RANK": local_rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    rec = load_recipe(recipe(folder))
+    if decoded:
+        with pytest.raises(PreflightError, match="train.jsonl:2: image cannot be decoded"):
+            plan_run(rec)
+    else:
+        plan = plan_run(rec)
+        assert (len(plan.train.examples), plan.train.decoded, plan.train.header_only) == (2, 0, 2)

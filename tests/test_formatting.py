@@ -279,3 +279,33 @@ def test_mrope_positions_equal_the_models_own(family_name, model_dir, processor_
                                              image_grid_thw=batch["image_grid_thw"])
     ours = family.position_ids(batch["input_ids"][0], batch["image_grid_thw"].tolist(), processor)
     assert torch.equal(ours, expected[:, 0])
+
+
+def test_whether_the_template_renders_tools_is_found_once_per_formatter(processor_for, monkeypatch):
+    """The first row with tools renders the conversation with and without them; later rows reuse the answer."""
+    import copy
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    turns = [Turn("user", [Part("text", text="Hi")]), Turn("assistant", [Part("text", text="Hello.")])]
+    plain, with_tools = Conversation(turns, source="t:1"), Conversation(turns, source="t:2", tools=tools)
+    family = families.get("qwen2_vl")
+    renders_tools = copy.copy(processor_for("qwen2_vl"))
+    renders_tools.chat_template = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n"
+                                   "{% endif %}" + renders_tools.chat_template)
+    for processor in (renders_tools, processor_for("qwen2_vl")):  # the tiny Qwen2-VL template ignores tools
+        formatter = Formatter(family, processor)
+        calls = []
+        real = formatter.render
+        monkeypatch.setattr(formatter, "render",
+                            lambda *a, _real=real, _calls=calls, **k: _calls.append(1) or _real(*a, **k))
+        formatter.pieces(plain)
+        per_row = len(calls)
+        for row in range(3):
+            calls.clear()
+            if processor is renders_tools:
+                formatter.pieces(with_tools)
+            else:
+                with pytest.raises(FormatError, match='the row gives "tools"'):
+                    formatter.pieces(with_tools)
+            check = 2 if row == 0 else 0  # with and without the tools, once
+            assert len(calls) == (per_row if processor is renders_tools else 0) + check

@@ -227,7 +227,7 @@ def test_swift_query_response_with_history(lf):
         ("user", True, [("image", "3.jpg"), ("text", "And now?")]), ("assistant", True, [("text", "Blue.")])]
     bad = [{**row, "history": [["only a query"]]}, {"messages": swift_row()["messages"], "history": [["q", "r"]]}]
     problems = list(read_rows(write_jsonl(lf / "bad.jsonl", bad), "sharegpt"))
-    assert 'must be a list of ["query", "response"] pairs' in problems[0].message
+    assert '"history"[0] must be a ["query", "response"] pair of strings' in problems[0].message
     assert '"history" belongs to the query-response form' in problems[1].message
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from vlmtune.config import RecipeError, load_recipe
 from vlmtune.data.formats import RowProblem, read_rows
+from vlmtune.data.readers.llamafactory import DEFAULT_COLUMNS
 from vlmtune.prediction import read_prompts
 
 from .conftest import write_jsonl
@@ -259,6 +260,39 @@ def test_lf_video_entry_reads_its_videos(tmp_path):
     (conv,) = only(read_rows(f"{info}#mllm_video_demo", "messages"))
     assert conv.videos == [str(info.parent / "mllm_demo_data" / "1.mp4")]
     assert conv.turns[0].text == "Why is this video funny?"
+
+
+def test_lf_columns_and_keys_the_entry_does_not_read_are_reported_once_per_file(tmp_path):
+    """As in LLaMA-Factory, what an entry's "columns" do not name is not read; vlmtune says so, with the fix."""
+    rows = [{"conversations": [{"from": "human", "value": "Hi", "name": "al"}, {"from": "gpt", "value": "Hello."}],
+             "images": ["mllm_demo_data/train_0002.png"], "id": 1},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey."}], "score": 3}]
+    info = lf_dataset(tmp_path, {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt"}},
+                      {"chat.jsonl": [rows[0], rows[0], rows[1]]})
+    warnings = []
+    assert len(only(read_rows(f"{info}#chat", "messages", warn=warnings.append))) == 3
+    assert [(w.row, w.message.split(";")[0]) for w in warnings] == [
+        (1, 'not read by the dataset_info.json entry "chat", so ignored (reported once per file): column "images", '
+            'message key "name"'),
+        (3, 'not read by the dataset_info.json entry "chat", so ignored (reported once per file): column "score"')]
+    assert 'the entry reads only the columns its "columns" names ("messages": "conversations")' in warnings[0].message
+    assert 'e.g. "images": "<column>"' in warnings[0].message
+
+
+@pytest.mark.parametrize("formatting, row", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Hello."}]}),
+    ("alpaca", {"instruction": "<image>Hi", "output": "Hello."})])
+def test_an_lf_image_tag_with_no_images_column_in_the_entry_says_to_name_it(tmp_path, formatting, row):
+    info = lf_dataset(tmp_path, {"demo": {"file_name": "d.json", "formatting": formatting}},
+                      {"d.json": [{**row, "images": ["mllm_demo_data/train_0002.png"]}]})
+    (problem,) = problems(read_rows(f"{info}#demo", "messages"))
+    assert "1 <image> placeholder in the text but 0 images" in problem
+    assert 'the entry\'s "columns" in dataset_info.json names no "images" column, so no images are read: add ' \
+           '"images": "<the column holding them>"' in problem
+    entries = {"demo": {"file_name": "d.json", "formatting": formatting,
+                        "columns": {**DEFAULT_COLUMNS[formatting], "images": "images"}}}
+    info.write_text(json.dumps(entries))
+    only(read_rows(f"{info}#demo", "messages"))
 
 
 def test_lf_folder_file_name_reads_every_file_in_name_order(tmp_path):

@@ -92,3 +92,23 @@ def test_the_recipe_limit_is_used_by_validate(folder, capsys):
     assert code == 0  # the default limit is 16 MiB
     code, out, _ = run(capsys, "validate", recipe(folder, data__max_row_bytes=5000))
     assert code == 2 and "train.jsonl:2: line is " in out and "over data.max_row_bytes=5,000" in out
+
+
+@pytest.mark.parametrize("long_item", ['{"image": "img.png", "answer": "%s"}' % ("x" * 5000),
+                                       "[" * 100_000 + "]" * 100_000])  # deeper than the JSON decoder can go
+def test_a_long_json_array_item_is_never_decoded(tmp_path, monkeypatch, long_item):
+    short = json.dumps(vqa())
+    path = tmp_path / "a.json"
+    path.write_text(f"[{short},\n {long_item},\n {short}]")
+    spans = []
+    real = json.JSONDecoder.raw_decode
+
+    def recording(self, s, idx=0):
+        value, end = real(self, s, idx)
+        spans.append(end - idx)
+        return value, end
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", recording)
+    results = outcome(path)
+    assert results[0] == results[2] == "ok" and results[1].startswith(f"item 2: item is {len(long_item):,} bytes")
+    assert spans and max(spans) == len(short)

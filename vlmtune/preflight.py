@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .config import FieldError, Recipe
@@ -63,13 +64,14 @@ def reporting_errors(recipe: Recipe) -> list[FieldError]:
     return errors
 
 
-def check_data(recipe: Recipe, family: Family, formatter: Formatter,
-               decode_images: bool = False) -> tuple[dict[str, PreparedData], list[str]]:
+def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_images: str | None = None,
+               find_shrinkable: bool = False) -> tuple[dict[str, PreparedData], list[str]]:
     """Every data split read and formatted, and the problems that would stop training.
 
-    Images are checked as `data.check_images` says; `decode_images` (validate --decode) means `decode`."""
+    Images are checked as `check_images` says (default: data.check_images); `find_shrinkable` also finds the
+    too-long rows data.on_overlong=shrink_images would keep (validate reports them)."""
     d = recipe.data
-    check_images = "decode" if decode_images else d.check_images
+    check_images = check_images or d.check_images
     problems: list[str] = []
     splits = {}
     for split in ("train", "eval"):
@@ -78,7 +80,7 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter,
             continue
         data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
                        desc=f"checking {split} data", read_options=reader_options(d), check_images=check_images,
-                       max_image_pixels=d.max_image_pixels)
+                       max_image_pixels=d.max_image_pixels, find_shrinkable=find_shrinkable)
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.examples and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
@@ -91,12 +93,20 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter,
 def plan_run(recipe: Recipe) -> Plan:
     """Check model and machine, read and format all data; raise PreflightError listing every problem."""
     model_config, family, formatter = formatting_for(recipe)
-    splits, problems = check_data(recipe, family, formatter)
+    splits, problems = check_data(recipe, family, formatter, images_checked_here(recipe))
     problems.extend(_zero3_video_problems(recipe, splits))
     if problems:
         raise PreflightError(problems)
     return Plan(recipe, model_config, family, formatter.processor, runtime_for(recipe, family), formatter,
                 splits["train"], splits.get("eval"))
+
+
+def images_checked_here(recipe: Recipe) -> str:
+    """How this process checks images before training: as data.check_images says on the first process of each
+    machine (LOCAL_RANK 0), from their headers only on the others. Every process reads the same files, so one
+    full decode per machine finds a broken file before training, where it stops the run; the other processes
+    then hold the same examples, and the bad-sample guard still catches a file that breaks mid-run."""
+    return recipe.data.check_images if int(os.environ.get("LOCAL_RANK", "0")) <= 0 else "header"
 
 
 def _zero3_video_problems(recipe: Recipe, splits: dict[str, PreparedData]) -> list[str]:

@@ -81,5 +81,6 @@ def validate(recipe: Recipe, decode_images: bool = False) -> ValidationReport:
     """Read, check and format every row of every split (no weights loaded); `decode_images` decodes every
     image in full, which also finds files whose header is fine but whose pixels are not."""
     _, family, formatter = formatting_for(recipe)
-    splits, problems = check_data(recipe, family, formatter, decode_images)
+    splits, problems = check_data(recipe, family, formatter, "decode" if decode_images else None,
+                                  find_shrinkable=True)
     return ValidationReport(splits, problems, family.name, recipe.data.on_overlong)

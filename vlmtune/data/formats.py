@@ -53,29 +53,32 @@ def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
         raise ValueError(f"unknown data format {fmt!r}; supported: {', '.join(FORMATS)}")
     options = Options(caption_prompt=caption_prompt)
     if llamafactory.reference(path) is not None:  # dir/dataset_info.json#name: the entry gives layout and columns
-        yield from _entry_rows(path, image_root, allow_urls, options, max_row_bytes)
+        yield from _entry_rows(path, image_root, allow_urls, options, max_row_bytes, warn)
         return
     reader, path = READERS[fmt], Path(path)
     columns = dict(columns or {})
     wanted = {columns.get(f, f): f for f in reader.REQUIRED} | {src: f for f, src in columns.items()}
     resolve = ImageResolver(sources.base_dir(path), image_root, allow_urls)
+    unused = Unused({*FIELDS[fmt], *columns.values()}, f"format {fmt}",
+                    f"its fields are {', '.join(FIELDS[fmt])} (data.columns maps a column of yours to one)")
     yield from _file_rows(path, sources.rows(path, wanted, max_row_bytes), lambda raw: _mapped(raw, columns),
-                          lambda row: reader.read(row, resolve, options), Unused(fmt, FIELDS[fmt], columns), warn)
+                          lambda row: reader.read(row, resolve, options), unused, warn)
 
 
-def _entry_rows(ref, image_root: str | None, allow_urls: bool, options: Options,
-                max_row_bytes: int) -> Iterator[Conversation | RowProblem]:
+def _entry_rows(ref, image_root: str | None, allow_urls: bool, options: Options, max_row_bytes: int,
+                warn: Callable[[RowProblem], None] | None) -> Iterator[Conversation | RowProblem]:
     """A LLaMA-Factory dataset: every file of its dataset_info.json entry, read as the entry says (data.format and
-    data.columns are for plain files)."""
+    data.columns are for plain files). The entry names the columns it reads; as in LLaMA-Factory the others are
+    ignored, and `warn` is told which."""
     try:
         entry = llamafactory.open_entry(ref)
     except llamafactory.EntryError as e:
         yield RowProblem(str(ref), 1, str(e), unreadable=True)
         return
     resolve = ImageResolver(entry.media_dir, image_root, allow_urls)
-    for path in entry.files:  # the entry names the columns it reads; LLaMA-Factory ignores the others too
+    for path in entry.files:
         yield from _file_rows(path, sources.rows(path, entry.wanted, max_row_bytes), entry.row,
-                              lambda row: entry.read(row, resolve, options), None, None)
+                              lambda row: entry.read(row, resolve, options), entry.unused(), warn)
 
 
 def _file_rows(path: Path, numbered: Iterator[sources.Numbered], to_row: Callable[[object], Row],

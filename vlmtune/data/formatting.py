@@ -87,6 +87,7 @@ class Formatter:
             raise FormatError(f"family {family.name} appends the tokenizer's EOS after each reply, "
                               "but the tokenizer has no eos_token")
         self.affixes = special_affixes(self.tokenizer)
+        self._renders_tools: bool | None = None  # found on the first row with tools: a template renders them or not
 
     def render(self, turns: list[Turn], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         import jinja2
@@ -147,7 +148,9 @@ class Formatter:
         """The row's tool definitions, or FormatError where this chat template would silently drop them."""
         if not conv.tools:
             return None
-        if self.render(turns, False, conv.tools) == self.render(turns, False):
+        if self._renders_tools is None:
+            self._renders_tools = self.render(turns, False, conv.tools) != self.render(turns, False)
+        if not self._renders_tools:
             raise FormatError(f'{conv.source}: the row gives "tools", but the chat template of this model (family '
                               f"{self.family.name}) does not render tools, so they would be lost; remove \"tools\" "
                               "from the row, or train a model whose chat template renders them")

@@ -64,7 +64,7 @@ class PreparedData:
     warnings: list[RowProblem] = field(default_factory=list)  # columns or keys no reader used, once per file
     rows: int = 0
     shrunk: int = 0
-    shrinkable: list[RowProblem] = field(default_factory=list)  # rows shrink_images shrinks (or would shrink)
+    shrinkable: list[RowProblem] = field(default_factory=list)  # rows shrink_images shrinks (or, asked, would shrink)
     decoded: int = 0  # image files decoded in full before training
     header_only: int = 0  # image files only header-checked (their pixels are first decoded in training)
 
@@ -114,34 +114,41 @@ class PreparedData:
 
 def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
               max_length: int, on_overlong: str = "drop", read_options: dict | None = None,
-              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[RowResult]:
+              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, find_shrinkable: bool = False,
+              sizes: dict | None = None) -> Iterator[RowResult]:
     """Each row of a data file, read, checked and formatted; problems become values, never exceptions.
 
     `read_options`: the other keyword arguments of `formats.read_rows` (see `formats.reader_options`).
-    Images are measured from their headers; larger than `max_image_pixels` is a row problem."""
-    sizes: dict[str, tuple[int, int] | ImageProblem] = {}
+    Images are measured from their headers; larger than `max_image_pixels` is a row problem. `sizes` receives
+    what the headers said (image path -> (width, height), ("video", ref) -> VideoInfo, or the problem).
+    `find_shrinkable`: search, for each too-long row with images, the pixel bound that would make it fit
+    (`RowResult.shrink_bound`) even when `on_overlong` is not shrink_images (validate reports them)."""
+    sizes = {} if sizes is None else sizes
     measure = partial(image_size, max_pixels=max_image_pixels)
+    shrink = find_shrinkable or on_overlong == "shrink_images"
     for index, item in enumerate(read_rows(Path(path), fmt, image_root, **(read_options or {}))):
         if isinstance(item, RowProblem):
             yield RowResult(index, problem=item)
             continue
-        yield _row(index, item, formatter, family, sizes, max_length, on_overlong, measure)
+        yield _row(index, item, formatter, family, sizes, max_length, on_overlong, measure, shrink)
 
 
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
             read_options: dict | None = None, check_images: str = "auto",
-            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedData:
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, find_shrinkable: bool = False) -> PreparedData:
     """Read and format a whole data file; problems are collected with file and row.
 
     `check_images` (data.check_images): `decode` decodes every image of the examples in full before training
     (in threads), which also finds truncated or corrupt pixel data; `header` reads headers only; `auto`
-    decodes when there are at most AUTO_DECODE_MAX_IMAGES image files."""
+    decodes when there are at most AUTO_DECODE_MAX_IMAGES image files. `find_shrinkable`: fill `shrinkable`
+    under every data.on_overlong (see `iter_rows`)."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
+    sizes: dict = {}
     read_options = {**(read_options or {}), "warn": out.warnings.append}
     rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options,
-                     max_image_pixels)
+                     max_image_pixels, find_shrinkable, sizes)
     for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
         out.rows += 1
         if result.shrink_bound is not None:
@@ -158,23 +165,30 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
             seen[result.fingerprint] = _problem_at(ex.source, "")
         out.shrunk += ex.max_pixels is not None
         out.examples.append(ex)
-    _decode_images(out, check_images, max_image_pixels)
+    _decode_images(out, check_images, max_image_pixels, sizes)
     return out
 
 
-def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int) -> None:
+def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int, sizes: dict) -> None:
     """Decode every image (and frame-list frame) of the examples as training will; a row whose file does not
-    decode, or decodes to another size than its header planned, becomes a problem."""
+    decode, or decodes to another size than its header planned (`sizes`, as `iter_rows` measured), becomes a
+    problem."""
     files: dict[str, list[Example]] = {}
+    planned: dict[str, tuple[int, int]] = {}
     for ex in out.examples:
-        frames = [c.source[i] for c in ex.videos if isinstance(c.source, tuple) for i in c.indices]
-        for ref in dict.fromkeys([*ex.images, *frames]):
+        refs = {ref: sizes[ref] for ref in ex.images}
+        for clip in ex.videos:
+            if isinstance(clip.source, tuple):  # a frame list: each frame has the size the video's probe found
+                info = sizes[("video", clip.source)]
+                refs.update((clip.source[i], (info.width, info.height)) for i in clip.indices)
+        planned.update(refs)
+        for ref in refs:
             files.setdefault(ref, []).append(ex)
     if check_images == "header" or (check_images == "auto" and len(files) > AUTO_DECODE_MAX_IMAGES):
         out.header_only = len(files)
         return
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes outside the GIL
-        found = pool.map(partial(_decode_problem, max_pixels=max_image_pixels), files)
+        found = pool.map(lambda ref: _decode_problem(ref, planned[ref], max_image_pixels), files)
         bad = {ref: problem for ref, problem in tqdm(zip(files, found, strict=True), total=len(files), desc="decoding images",
                                                       unit=" images", leave=False) if problem}
     out.decoded = len(files)
@@ -189,10 +203,10 @@ def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int) 
                               key=lambda p: p.row)
 
 
-def _decode_problem(ref: str, max_pixels: int) -> str | None:
-    """Why the file does not decode as its header promised, or None."""
+def _decode_problem(ref: str, planned: tuple[int, int], max_pixels: int) -> str | None:
+    """Why the file does not decode to the (width, height) its header promised, or None."""
     try:
-        decoded, planned = load_rgb(ref, max_pixels).size, image_size(Path(ref), max_pixels)
+        decoded = load_rgb(ref, max_pixels).size
     except ImageProblem as e:
         return str(e)
     if decoded != planned:
@@ -202,7 +216,7 @@ def _decode_problem(ref: str, max_pixels: int) -> str | None:
 
 
 def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, sizes: dict, max_length: int,
-         on_overlong: str, measure=image_size) -> RowResult:
+         on_overlong: str, measure=image_size, shrink: bool = True) -> RowResult:
     dims = []
     for ref in conv.images:
         if ref not in sizes:
@@ -222,7 +236,7 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
     if example.num_supervised == 0:
         return RowResult(index, problem=_problem(conv, "no token is supervised (every reply has train: false?)"))
     shrunk = None
-    if len(example.input_ids) > max_length and dims:  # also under drop / error: validate names these rows
+    if shrink and len(example.input_ids) > max_length and dims:
         shrunk = _shrink(conv, formatter, family, dims, max_length, example, clips)
         if on_overlong == "shrink_images":
             example = shrunk or example

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..conversation import Conversation
 from . import sharegpt
-from .common import Options, Resolve, RowError, label, text_field
+from .common import Options, Resolve, RowError, history_pairs, label, text_field
 from .recast import read_as
 
 REQUIRED = ("instruction", "output")
@@ -23,7 +23,7 @@ def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
     if not output.strip():
         raise RowError(f"{label(row, 'output')} is empty: there is nothing to train on")
     system = _optional_text(row, "system")
-    history = _history(row)
+    history = history_pairs(row, "[question, answer]")
     names = ["system"] if system else []
     msgs = [{"role": "system", "content": system}] if system else []
     for k, (question, answer) in enumerate(history):
@@ -42,16 +42,3 @@ def _optional_text(row: dict, key: str) -> str:
     if value is not None and not isinstance(value, str):
         raise RowError(f"{label(row, key)} must be a string, got {value!r}"[:300])
     return value or ""
-
-
-def _history(row: dict) -> list[tuple[str, str]]:
-    value = row.get("history")
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise RowError(f"{label(row, 'history')} must be a list of [question, answer] pairs, got {value!r}"[:300])
-    for k, pair in enumerate(value):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise RowError(f"{label(row, 'history')}[{k}] must be a [question, answer] pair of strings, got {pair!r}"
-                           [:300])
-    return [tuple(pair) for pair in value]

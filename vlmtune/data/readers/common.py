@@ -67,6 +67,21 @@ def text_field(row: dict, key: str) -> str:
     return value
 
 
+def history_pairs(row: dict, pair: str, field: str = "history") -> list[tuple[str, str]]:
+    """The earlier turns as (user text, reply) pairs: `[[q1, a1], ...]` (Alpaca's and ms-swift's `history`).
+
+    `pair` names the two items in errors, e.g. `[question, answer]`."""
+    value = row.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RowError(f"{label(row, field)} must be a list of {pair} pairs, got {value!r}"[:300])
+    for k, item in enumerate(value):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)):
+            raise RowError(f"{label(row, field)}[{k}] must be a {pair} pair of strings, got {item!r}"[:300])
+    return [tuple(item) for item in value]
+
+
 def image_refs(value: object, field: str, what: str = "an image reference") -> list:
     """A media field (one reference, a list of them, or null) as a list of references."""
     if value is None:
@@ -333,11 +348,13 @@ def single_turn(row: dict, resolve: Resolve, prompt: str, reply_key: str) -> Con
 
 
 class Unused:
-    """What the rows of one file hold that their layout does not read, each name reported once."""
+    """What the rows of one file hold that their reader does not read, each name reported once.
 
-    def __init__(self, fmt: str, fields: tuple[str, ...], columns: dict[str, str]):
-        self.fmt, self.fields = fmt, fields
-        self.known = {*fields, *METADATA, *columns.values()}
+    `known`: the columns it reads; `reader`: who reads them ("format vqa"); `hint`: how to have one read."""
+
+    def __init__(self, known, reader: str, hint: str):
+        self.reader, self.hint = reader, hint
+        self.known = {*known, *METADATA}
         self.seen: set[str] = set()
 
     def new(self, raw: dict, row: Row) -> str | None:
@@ -347,5 +364,4 @@ class Unused:
         if not fresh:
             return None
         self.seen.update(fresh)
-        return (f"not read by format {self.fmt}, so ignored (reported once per file): {', '.join(fresh)}; "
-                f"its fields are {', '.join(self.fields)} (data.columns maps a column of yours to one)")
+        return f"not read by {self.reader}, so ignored (reported once per file): {', '.join(fresh)}; {self.hint}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..conversation import Conversation
 from . import alpaca, sharegpt
-from .common import Options, Resolve, Row, RowError
+from .common import IMAGE_TAG, VIDEO_TAG, Options, Resolve, Row, RowError, Unused
 
 INFO_NAME = "dataset_info.json"
 READERS = {"alpaca": alpaca, "sharegpt": sharegpt}
@@ -116,16 +116,40 @@ class Entry:
         row.names = {f: c for f, c in self.columns.items() if f != c}
         return row
 
+    def unused(self) -> Unused:
+        """The record of columns (and message keys) the entry leaves unread, for one file's warnings."""
+        roles = {f: r for r, f in {**FIELDS[self.formatting], **{c: c for c in SHARED_COLUMNS}}.items()}
+        named = ", ".join(f'"{roles.get(f, f)}": "{c}"' for f, c in self.columns.items())
+        return Unused(self.columns.values(), f'the {INFO_NAME} entry "{self.name}"',
+                      f'the entry reads only the columns its "columns" names ({named}): to read another, name it '
+                      f'there under its LLaMA-Factory role, e.g. "images": "<column>"')
+
     def read(self, row: Row, resolve: Resolve, options: Options) -> Conversation:
-        if self.formatting == "alpaca":
-            return alpaca.read(row, resolve, options)
-        return self._read_sharegpt(row, resolve, options)
+        try:
+            if self.formatting == "alpaca":
+                return alpaca.read(row, resolve, options)
+            return self._read_sharegpt(row, resolve, options)
+        except RowError as e:
+            raise RowError(f"{e}{self._media_hint(str(e))}") from None
+
+    def _media_hint(self, message: str) -> str:
+        """Where a media tag found nothing to take and the entry reads no media column of that kind: say so."""
+        for media, tag in (("images", IMAGE_TAG), ("videos", VIDEO_TAG)):
+            if media not in self.columns and tag in message:
+                return (f'; the entry\'s "columns" in {INFO_NAME} names no "{media}" column, so no {media} are read: '
+                        f'add "{media}": "<the column holding them>"')
+        return ""
 
     def _read_sharegpt(self, row: Row, resolve: Resolve, options: Options) -> Conversation:
         msgs = self._messages(row)
         if msgs and msgs[0]["role"] == "system":  # LLaMA-Factory: a first system message wins over the column
             row.pop("system", None)
-        return sharegpt.read({**row, "messages": msgs}, resolve, options)
+        rewritten = Row({**row, "messages": msgs})
+        rewritten.names = row.names
+        try:
+            return sharegpt.read(rewritten, resolve, options)
+        finally:
+            row.unused.update(rewritten.unused)  # message keys nothing reads
 
     def _messages(self, row: Row) -> list[dict]:
         """The row's messages with the entry's tags turned into role / content and our role names."""

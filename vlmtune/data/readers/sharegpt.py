@@ -14,7 +14,7 @@ from .common import (
     RowError,
     chat_messages,
     finish,
-    label,
+    history_pairs,
     media_pools,
     tagged_turns,
     text_field,
@@ -46,11 +46,5 @@ def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
 
 def _query_response(row: dict) -> list[tuple[str, str, bool]]:
     """ms-swift's `history` pairs, then `query` and `response`, as (role, text, train) messages."""
-    history = row.get("history") or []
-    if not isinstance(history, list) or not all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
-            for pair in history):
-        raise RowError(f'{label(row, "history")} must be a list of ["query", "response"] pairs of strings, '
-                       f"got {history!r}"[:300])
-    pairs = [*history, (text_field(row, "query"), text_field(row, "response"))]
+    pairs = [*history_pairs(row, '["query", "response"]'), (text_field(row, "query"), text_field(row, "response"))]
     return [(role, text, True) for q, r in pairs for role, text in (("user", q), ("assistant", r))]

@@ -9,8 +9,9 @@ Table rows come out as Python dicts straight from Arrow, so image columns stay `
 dicts and are never decoded.
 
 A row larger than `max_row_bytes` (data.max_row_bytes) is a RowError before it is parsed where the container
-allows: a JSONL line is measured as it is read (never held whole), a JSON item on its text, a table row on
-its values (strings and bytes, embedded images included).
+allows: a JSONL line is measured as it is read (never held whole), a JSON item on its text (an item longer than
+the limit is skipped by a scan of its brackets and strings, never decoded), a table row on its values (strings and
+bytes, embedded images included).
 """
 
 from __future__ import annotations
@@ -99,22 +100,52 @@ def _json_array_rows(path: Path, limit: int) -> Iterator[Numbered]:
         yield 1, "", RowError(f"not UTF-8 text (byte {e.start} of the file); save the file as UTF-8")
         return
     try:
-        items = list(_array_items(text))  # a broken array is one problem, as json.load would raise
+        items = list(_array_items(text, limit))  # a broken array is one problem, as json.load would raise
     except json.JSONDecodeError as e:
         yield e.lineno, "", RowError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); a file "
                                      "starting with [ must be one JSON array of row objects")
         return
     for n, (start, end, item) in enumerate(items, start=1):
-        # a character is at most 4 UTF-8 bytes: only a long item needs counting
-        size = end - start if (end - start) * 4 <= limit else len(text[start:end].encode())
+        size = _utf8_size(text, start, end, limit)
         yield n, "item", _too_big("item", size, limit) if size > limit else item
 
 
+def _utf8_size(text: str, start: int, end: int, limit: int) -> int:
+    """The UTF-8 bytes of text[start:end] (encoded a slice at a time), or its characters where even 4 bytes each
+    would not pass `limit`."""
+    if (end - start) * 4 <= limit:
+        return end - start
+    return sum(len(text[at:min(end, at + 2**20)].encode()) for at in range(start, end, 2**20))
+
+
 _SPACE = re.compile(r"[ \t\n\r]*")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_TO_BRACKET = re.compile(r'[^"\[\]{}]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"\[\]{}]*)*', re.S)  # strings skipped whole
+_SCALAR = re.compile(r"[^,\]\s]*")
+TOO_LONG = object()  # an array item longer than the limit, left undecoded
 
 
-def _array_items(text: str) -> Iterator[tuple[int, int, object]]:
-    """(start, end, value) of each item of the JSON array `text`, one at a time; JSONDecodeError as json.loads."""
+def _long_item_end(text: str, pos: int, limit: int) -> int | None:
+    """Where the JSON value at `pos` ends when it is longer than `limit` characters; None when it is shorter, or
+    not well-formed (the decoder then reads it, or says what is wrong)."""
+    if text.startswith('"', pos) or not text.startswith(("[", "{"), pos):
+        found = (_STRING if text.startswith('"', pos) else _SCALAR).match(text, pos)
+        return found.end() if found and found.end() - pos > limit else None
+    depth, at = 0, pos
+    while True:  # one step per bracket: text and strings between them are skipped by the regex
+        at = _TO_BRACKET.match(text, at).end()
+        if at >= len(text) or text[at] == '"':  # the array or a string never closes
+            return None
+        depth += 1 if text[at] in "[{" else -1
+        at += 1
+        if depth == 0:
+            return at if at - pos > limit else None
+
+
+def _array_items(text: str, limit: int | None = None) -> Iterator[tuple[int, int, object]]:
+    """(start, end, value) of each item of the JSON array `text`, one at a time; JSONDecodeError as json.loads.
+
+    An item longer than `limit` characters (so over `limit` bytes) is not decoded: its value is TOO_LONG."""
     decoder = json.JSONDecoder()
     pos = _SPACE.match(text).end()
     if not text.startswith("[", pos):
@@ -124,7 +155,9 @@ def _array_items(text: str) -> Iterator[tuple[int, int, object]]:
         pos += 1
     else:
         while True:
-            item, end = decoder.raw_decode(text, pos)
+            long = limit is not None and len(text) - pos > limit  # else what is left is too short to be too long
+            end = _long_item_end(text, pos, limit) if long else None
+            item, end = (TOO_LONG, end) if end is not None else decoder.raw_decode(text, pos)
             yield pos, end, item
             pos = _SPACE.match(text, end).end()
             if text.startswith(",", pos):
