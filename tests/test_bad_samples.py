@@ -135,7 +135,9 @@ def test_bad_samples_mid_run_are_skipped_counted_once_and_named(tmp_path, monkey
     assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
-def test_past_the_limit_the_cli_stops_with_the_list_and_a_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("way_on", ["repair", "raise_the_limit"])
+def test_past_the_limit_the_cli_stops_with_the_list_and_a_checkpoint_to_resume(way_on, tmp_path, monkeypatch,
+                                                                                capsys):
     data, paths = shapes_data(tmp_path, 8)
     good = {p: p.read_bytes() for p in paths}
     break_after_planning(monkeypatch, [paths[3]])
@@ -152,10 +154,18 @@ def test_past_the_limit_the_cli_stops_with_the_list_and_a_checkpoint_to_resume(t
     assert len(checkpoints) == 1 and f"checkpoint saved: {checkpoints[0]}" in err
     assert (checkpoints[0] / "adapter_model.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()
-
-    for p, content in good.items():  # fixed: the run resumes from that checkpoint and finishes
-        p.write_bytes(content)
+    # the message's two ways on, each followed here; removing rows would be a new run
+    assert "Repair these files" in err and "then resume with train.resume_from_checkpoint=latest" in err
+    assert "data.max_bad_samples raised and data.check_images=header" in err
+    assert "Removing rows or changing an image's size changes the data: that is a new run" in err
     monkeypatch.undo()
-    assert cli.main(["sft", str(recipe), *args, "train.resume_from_checkpoint=latest"]) == 0
-    assert json.loads((out / "train_results.json").read_text())["bad_sample_count"] == 0
-
+    if way_on == "repair":
+        for p, content in good.items():
+            p.write_bytes(content)
+        assert cli.main(["sft", str(recipe), *args, "train.resume_from_checkpoint=latest"]) == 0
+        assert json.loads((out / "train_results.json").read_text())["bad_sample_count"] == 0
+    else:  # the file stays broken; a second epoch meets it again and skips it
+        more = ["data.max_bad_samples=1", "data.check_images=header", "train.max_steps=16"]
+        assert cli.main(["sft", str(recipe), *args, *more, "train.resume_from_checkpoint=latest"]) == 0
+        saved = json.loads((out / "train_results.json").read_text())
+        assert saved["global_step"] == 16 and [b["source"] for b in saved["bad_samples"]] == [f"{data}:4"]

@@ -38,6 +38,20 @@ def test_the_count_is_of_consecutive_steps_and_scaler_overflows_do_not_count():
     assert math.isnan(steps.loss)
 
 
+def test_the_loss_stays_on_the_device_until_the_step_reads_it_once(monkeypatch):
+    steps, reads = NonFiniteSteps(limit=3), []
+    for name in ("item", "tolist", "__float__", "__bool__"):  # every way a tensor's value reaches the host
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, _name=name, **k: (reads.append(_name), _real(self, *a, **k))[1])
+    for loss in (1.0, math.nan, 2.0):  # micro-batches of one optimizer step
+        steps.note_loss(torch.tensor(loss))
+    assert reads == []
+    steps.grad_norm = torch.tensor(0.5)  # as the training loop computed it
+    assert steps.settle() == (True, False) and reads == ["tolist"]  # loss and norm in one transfer
+    assert math.isnan(steps.loss) and steps.grad_norm == 0.5
+
+
 def lora_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -71,6 +85,52 @@ def test_a_nan_loss_stops_the_run_and_writes_no_adapter(small_data, tmp_path, mo
         assert all(torch.isfinite(t).all() for t in weights.values()), folder.name
     first, last = load_file(saved[0] / "adapter_model.safetensors"), load_file(saved[-1] / "adapter_model.safetensors")
     assert all(torch.equal(first[k], last[k]) for k in first)
+
+
+@pytest.mark.parametrize(("max_grad_norm", "optimizer_skips"), [(0.0, False), (1.0, False), (1.0, True)])
+def test_the_guards_read_the_gradient_norm_the_training_loop_computed(max_grad_norm, optimizer_skips, small_data,  # noqa: F811
+                                                                      tmp_path, monkeypatch):
+    """The loop's norm (clipping's, or its unclipped one with clipping off) is the one checked, not a second one;
+    a step the optimizer skipped without a loss scaler (DeepSpeed's overflow check under bf16/fp32) still counts."""
+    from accelerate import Accelerator
+    from transformers import Trainer
+
+    real = Trainer._get_grad_norm
+
+    def nan_norm_after_the_first_step(self, model, grad_norm=None):  # the gradients themselves stay finite
+        norm = real(self, model, grad_norm=grad_norm)
+        return norm * math.nan if self.state.global_step >= 1 else norm
+
+    monkeypatch.setattr(Trainer, "_get_grad_norm", nan_norm_after_the_first_step)
+    if optimizer_skips:
+        monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.max_steps": 10, "train.save_steps": 1,
+                                                            "train.save_total_limit": 10,
+                                                            "train.max_grad_norm": max_grad_norm})
+    trainer, _ = build_trainer(vlmtune.plan(recipe), tmp_path / "ckpt", log=lambda *_: None)
+    with pytest.raises(vlmtune.VlmtuneError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "3 consecutive steps (train.max_nonfinite_steps=3)" in message and "grad norm nan" in message
+    assert f"the last checkpoint is {tmp_path / 'ckpt' / 'checkpoint-3'}" in message
+    from safetensors.torch import load_file
+
+    first, last = (load_file(tmp_path / "ckpt" / f"checkpoint-{k}" / "adapter_model.safetensors") for k in (1, 3))
+    assert all(torch.equal(first[k], last[k]) for k in first)  # the flagged steps' gradients were dropped
+
+
+def test_the_stop_message_names_the_newest_complete_checkpoint(small_data, tmp_path):  # noqa: F811
+    recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.max_steps": 5, "train.save_steps": 1,
+                                                            "train.save_total_limit": 10})
+    trainer, _ = build_trainer(vlmtune.plan(recipe), tmp_path / "ckpt", log=lambda *_: None)
+    cut_short = tmp_path / "ckpt" / "checkpoint-40"  # a save cut short in place: no trainer_state.json
+    cut_short.mkdir(parents=True)
+    (cut_short / "adapter_model.safetensors").write_bytes(b"")
+    trainer.add_callback(BreakWeights(step=2))
+    with pytest.raises(vlmtune.VlmtuneError) as caught:
+        trainer.train()
+    assert f"the last checkpoint is {tmp_path / 'ckpt' / 'checkpoint-1'} (train.resume_from_checkpoint" \
+        in str(caught.value)
 
 
 def poison(model) -> None:

@@ -5,7 +5,15 @@
   forward, names each sample once in the log, and stops past `data.max_bad_samples`, saving a checkpoint.
 - Non-finite steps: a step whose loss or gradient norm is NaN/inf does not reach the weights (its
   gradients are dropped; an fp16 grad scaler skips such a step itself), and `train.max_nonfinite_steps`
-  of them in a row stop the run. No checkpoint or adapter is written from non-finite weights.
+  of them in a row stop the run. No checkpoint or adapter is written from non-finite weights. The norm is
+  the one the training loop computed (for clipping, or unclipped when max_grad_norm=0); the loss is kept on
+  the device, and both are read to the host once per optimizer step.
+- Under DeepSpeed the engine steps inside backward(), before the guards see the step: they cannot drop its
+  gradients. DeepSpeed's own overflow check skips a NaN/inf step where it runs (fp16 always; in recent
+  DeepSpeed, e.g. 0.19, ZeRO-2/3 under bf16 and fp32 too, ZeRO-2 bf16 unless bf16.check_grad_overflow is
+  false); such steps count towards `train.max_nonfinite_steps` as above. Where it does not run, the NaN
+  reaches the weights: they are checked after every non-finite step, and the run stops at that step, saving
+  nothing from it (as if train.max_nonfinite_steps were 1).
 
 Every decision is agreed across ranks once per optimizer step (one small all-reduce), so all ranks
 save, stop or go on together.
@@ -14,10 +22,12 @@ save, stop or go on together.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from .checkpoints import newest_complete
 from .errors import VlmtuneError
 
 SHOWN = 30  # bad samples listed in a stop message
@@ -71,17 +81,21 @@ class NonFiniteSteps:
     def __init__(self, limit: int):
         self.limit = limit
         self.run = 0
-        self.loss: float | None = None  # the step's first non-finite micro-batch loss, else its last loss
-        self.grad_norm: float | None = None
+        # the step's first non-finite micro-batch loss, else its last: a device tensor until settle() reads it
+        self.loss: torch.Tensor | float | None = None
+        self.grad_norm: torch.Tensor | float | None = None  # the training loop's, as it computed it
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        value = float(loss)
-        if self.loss is None or math.isfinite(self.loss):
-            self.loss = value
+        """On the device: no host sync per micro-batch."""
+        self.loss = loss if self.loss is None else torch.where(torch.isfinite(self.loss), loss, self.loss)
+
+    def settle(self) -> tuple[bool, bool]:
+        """Whether the step's loss and gradient norm are non-finite, read to the host in one transfer."""
+        self.loss, self.grad_norm = _host_floats(self.loss, self.grad_norm)
+        return _nonfinite(self.loss), _nonfinite(self.grad_norm)
 
     def step_is_bad(self, scaler_skipped: bool) -> bool:
-        loss_bad = self.loss is not None and not math.isfinite(self.loss)
-        grad_bad = self.grad_norm is not None and not math.isfinite(self.grad_norm)
+        loss_bad, grad_bad = self.settle()
         return loss_bad or (grad_bad and not scaler_skipped)
 
     def end_step(self, bad: bool) -> None:
@@ -89,6 +103,20 @@ class NonFiniteSteps:
 
     def reset_step(self) -> None:
         self.loss = self.grad_norm = None
+
+
+def _nonfinite(value: float | None) -> bool:
+    return value is not None and not math.isfinite(value)
+
+
+def _host_floats(*values):
+    """The tensors among values as Python floats, read in one device-to-host copy (others as they are)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return values
+    device = tensors[0].device
+    read = iter(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors]).tolist())
+    return tuple(next(read) if isinstance(v, torch.Tensor) else v for v in values)
 
 
 def nonfinite_weights(model) -> list[str]:
@@ -121,26 +149,29 @@ class GuardedTrainer:
         self.nonfinite.note_loss(loss)
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The training loop's gradient norm (clipping's; computed unclipped when max_grad_norm=0; under
+        DeepSpeed the engine's), kept for the guards instead of being computed a second time."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.nonfinite.grad_norm = grad_norm
+        return grad_norm
+
     def check_gradients(self, model) -> None:
-        """Before the optimizer step: the gradient norm; non-finite gradients are dropped so the step cannot
-        write NaN into the weights (an fp16 grad scaler, where there is one, skips that step itself)."""
-        engine = self.model_wrapped if hasattr(self.model_wrapped, "get_global_grad_norm") else None
-        if engine is not None:  # DeepSpeed: the engine stepped already, inside backward
-            norm = engine.get_global_grad_norm()
-            self.nonfinite.grad_norm = None if norm is None else float(norm)
-            return
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return
-        self.nonfinite.grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        if not math.isfinite(self.nonfinite.grad_norm) and self.accelerator.scaler is None:
-            for p in params:
-                p.grad = None
+        """Before the optimizer step (the step's one host read): a non-finite loss or gradient norm drops the
+        gradients, so the step cannot write NaN into the weights. An fp16 grad scaler, where there is one, skips
+        that step itself; under DeepSpeed the engine stepped already, inside backward (see the module doc)."""
+        loss_bad, grad_bad = self.nonfinite.settle()
+        if (loss_bad or grad_bad) and self.accelerator.scaler is None and not self.is_deepspeed_enabled:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = None
 
     # ---------------------------------------------------------------- once per optimizer step, all ranks
     def guard_step(self) -> str | None:
         """Agree across ranks on this step; 'bad_samples' or 'nonfinite' when the run must stop."""
-        bad = self.nonfinite.step_is_bad(scaler_skipped=self.accelerator.optimizer_step_was_skipped)
+        # only a loss scaler's skip is benign; DeepSpeed's overflow check also skips NaN steps under bf16/fp32
+        scaler_skipped = self.args.fp16 and self.accelerator.optimizer_step_was_skipped
+        bad = self.nonfinite.step_is_bad(scaler_skipped=scaler_skipped)
         loss, grad_norm = self.nonfinite.loss, self.nonfinite.grad_norm
         self.nonfinite.reset_step()
         if _distributed():
@@ -191,13 +222,8 @@ class GuardedTrainer:
         last = self._last_checkpoint()
         return f"; the last checkpoint is {last} (train.resume_from_checkpoint=latest resumes from it)" if last else ""
 
-    def _last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        try:
-            return get_last_checkpoint(self.args.output_dir)
-        except FileNotFoundError:
-            return None
+    def _last_checkpoint(self) -> Path | None:
+        return newest_complete(Path(self.args.output_dir))
 
     # ---------------------------------------------------------------- saving and the end of the run
     def _save_checkpoint(self, model, trial):
@@ -218,8 +244,11 @@ class GuardedTrainer:
             raise VlmtuneError(
                 f"{n} sample{'s' if n != 1 else ''} could not be loaded, more than data.max_bad_samples={b.limit}:\n"
                 f"{b.render()}\ntraining stopped at step {self.state.global_step}; checkpoint saved: "
-                f"{self._last_checkpoint()}. Fix or remove these files (`vlmtune validate --decode` finds broken "
-                "images), or raise data.max_bad_samples, then resume with train.resume_from_checkpoint=latest.")
+                f"{self._last_checkpoint()}. Repair these files (`vlmtune validate --decode` finds broken images), "
+                "then resume with train.resume_from_checkpoint=latest; to go on without them, resume with "
+                "data.max_bad_samples raised and data.check_images=header (decoding up front refuses broken files). "
+                "Removing rows or changing an image's size changes the data: that is a new run (another output_dir, "
+                "or --overwrite).")
         if self.stop_reason == "nonfinite":
             raise VlmtuneError(self.stop_message)
         self.require_finite_weights("trained adapter")
