@@ -1,10 +1,12 @@
 """`vlmtune sft` with faults injected at controlled points, for tests/test_checkpoints.py.
 
-    python tests/outputs_worker.py [--kill-saving N] [--fill-disk-after-save BYTES] [--no-space-check]
-                                   [--report FILE] -- sft recipe.yaml key=value ...
+    python tests/outputs_worker.py [--kill-saving N] [--kill-publishing N] [--fill-disk-after-save BYTES]
+                                   [--no-space-check] [--report FILE] -- sft recipe.yaml key=value ...
 
 --kill-saving N: while checkpoint-N's optimizer state is being written, write half a file and SIGKILL this
   process (as `kill -9` or a power cut would).
+--kill-publishing N: SIGKILL this process between the two renames that put a new checkpoint-N in place of an
+  earlier one (the earlier one just parked as .saving/checkpoint-N.replaced).
 --fill-disk-after-save BYTES: after the first checkpoint is saved, fill the disk of the output folder with a
   ballast file until only BYTES are free (the disk fills up during training).
 --no-space-check: skip vlmtune's free-space check before a save, so the write itself meets the full disk.
@@ -35,6 +37,17 @@ def kill_while_saving(step: int) -> None:
         return original(obj, f, *args, **kwargs)
 
     torch.save = save
+
+
+def kill_while_publishing(step: int) -> None:
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        original(src, dst, *args, **kwargs)
+        if Path(dst).name == f"checkpoint-{step}.replaced":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace
 
 
 def fill_disk_after_first_save(leave: int) -> None:
@@ -74,6 +87,7 @@ def report(path: Path, rc: int, recipe_args: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-saving", type=int)
+    parser.add_argument("--kill-publishing", type=int)
     parser.add_argument("--fill-disk-after-save", type=int)
     parser.add_argument("--no-space-check", action="store_true")
     parser.add_argument("--report", type=Path)
@@ -82,12 +96,14 @@ def main() -> int:
     command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
     if opts.kill_saving is not None:
         kill_while_saving(opts.kill_saving)
+    if opts.kill_publishing is not None:
+        kill_while_publishing(opts.kill_publishing)
     if opts.fill_disk_after_save is not None:
         fill_disk_after_first_save(opts.fill_disk_after_save)
     if opts.no_space_check:
         from vlmtune import checkpoints
 
-        checkpoints.shortage = lambda folder, needed: None
+        checkpoints.shortage = lambda *args, **kwargs: None
     from vlmtune import cli
 
     rc = cli.main(command)

@@ -10,8 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import vlmtune
 from vlmtune import cli, preflight, training
@@ -243,3 +245,73 @@ def test_report_to_an_integration_that_is_not_installed_is_refused_before_traini
     assert "train.report_to: wandb is not installed: pip install wandb, or set train.report_to: none" in str(e.value)
     assert "train.report_to: unknown integration 'wandbb'; known: none, all, " in str(e.value)
     assert preflight.reporting_errors(recipe_at(tmp_path / "out", data, **{"train.report_to": ["none"]})) == []
+
+
+def test_a_run_that_failed_after_its_last_checkpoint_is_finished_by_resuming(finished, data, tmp_path):
+    """The Trainer saves a checkpoint at the last step; a failure after it (final eval, a full disk in the final
+    write) leaves no vlmtune.json. Resuming trains nothing and writes the outputs from that checkpoint."""
+    from safetensors.torch import load_file
+
+    out = copy_run(finished, tmp_path)
+    for name in json.loads((out / "vlmtune.json").read_text())["files"] + ["vlmtune.json"]:
+        (out / name).unlink()  # as a final write that failed on a full disk left it
+    last = out / "checkpoints" / "checkpoint-2"
+    with pytest.raises(vlmtune.VlmtuneError, match="Continue it with train.resume_from_checkpoint=latest"):
+        vlmtune.train(recipe_at(out, data), log=quiet)
+    logs = []
+    result = vlmtune.train(recipe_at(out, data, **{"train.resume_from_checkpoint": "latest"}), log=logs.append)
+    assert f"{last} is at the last step: nothing was left to train; the run's outputs are written from it" in logs
+    assert (out / "vlmtune.json").is_file() and result.metrics["global_step"] == 2
+    saved, trained = load_file(out / "adapter_model.safetensors"), load_file(last / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    losses = [h["loss"] for h in json.loads((last / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_loss"] == pytest.approx(sum(losses) / 2) and results["outputs_from_checkpoint"] == str(last)
+
+
+def test_a_crash_before_the_first_checkpoint_leaves_a_folder_a_new_run_may_use(data, tmp_path, monkeypatch):
+    from vlmtune import checkpoints, run_folder
+
+    out = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.AtomicCheckpoints, "_init_training_state", crash)  # before the first step
+        with pytest.raises(RuntimeError, match="out of memory"):
+            vlmtune.train(recipe_at(out, data), log=quiet)
+    assert [p.name for p in out.iterdir()] == ["checkpoints"] and not any((out / "checkpoints").iterdir())
+    (out / ".DS_Store").write_text("")
+    assert run_folder.run_state(out) == "empty"
+    monkeypatch.setattr(training, "plan_run", lambda recipe: (_ for _ in ()).throw(AssertionError("past the checks")))
+    with pytest.raises(AssertionError, match="past the checks"):
+        vlmtune.train(recipe_at(out, data), log=quiet)
+
+
+def test_overwrite_after_a_kill_during_the_final_write_replaces_the_runs_own_files(data, tmp_path, monkeypatch):
+    from vlmtune.run_folder import STAGING_PREFIX
+
+    out = tmp_path / "run"
+    recipe = recipe_at(out, data, **{"train.max_steps": 1, "train.save_steps": 1000})
+    original, moved = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).parent.name.startswith(STAGING_PREFIX) and Path(dst).parent == out:
+            if len(moved) == 2:
+                raise KeyboardInterrupt  # a kill in the middle of the moves
+            moved.append(Path(dst).name)
+        original(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            vlmtune.train(recipe, log=quiet)
+    assert all((out / name).exists() for name in moved) and not (out / "vlmtune.json").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(vlmtune.VlmtuneError, match=r"files its run did not write \(notes.txt\)"):
+        vlmtune.train(recipe, log=quiet, overwrite=True)
+    (out / "notes.txt").unlink()
+    vlmtune.train(recipe, log=quiet, overwrite=True)
+    assert (out / "vlmtune.json").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -1,7 +1,8 @@
 """Checkpoints that are complete or absent, `latest` as the newest complete one, and resume checks.
 
 Each checkpoint-N is written under checkpoints/.saving/ and renamed into place once whole, so a kill or a full
-disk mid-save leaves the previous checkpoints as they were. Each holds the run's identity (vlmtune_resume.json):
+disk mid-save leaves the previous checkpoints as they were (a kill while a new copy replaces an earlier one of the
+same step leaves both, and the next resume finishes the swap). Each holds the run's identity (vlmtune_resume.json):
 a resume by a recipe that differs in a field that changes the training is refused, naming each difference."""
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import re
 import shutil
 from pathlib import Path
 
+from . import run_folder
 from .config import Recipe
-from .disk import DiskFullError, folder_bytes, full_disk_as_error, shortage
+from .disk import DiskFullError, folder_bytes, full_disk_as_error, shortage, swap_in
 from .errors import VlmtuneError
-from .run_folder import RECIPE_FILE, RunFolder
+from .main_decides import decided_by_main
+from .run_folder import METADATA_FILE, RECIPE_FILE, RunFolder
 
 STAGING = ".saving"
 RESUME_FILE = "vlmtune_resume.json"
 STATE_FILE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it was cut short
+REPLACED = ".replaced"  # .saving/checkpoint-N.replaced: the copy a publish replaces, until the new one is in place
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # recipe fields a resumed run may change: they do not change what is trained or how
 MAY_DIFFER = {"output_dir", "train.resume_from_checkpoint", "train.max_steps", "train.num_train_epochs",
@@ -52,13 +56,25 @@ def incomplete(checkpoints: Path) -> list[Path]:
     return staged + [p for _, p in _numbered(checkpoints) if not is_complete(p)]
 
 
-def resume_point(recipe: Recipe, folder: RunFolder, log=print, main: bool = True) -> str | None:
+def folder_and_resume(recipe: Recipe, overwrite: bool = False, log=print) -> tuple[RunFolder, str | None]:
+    """Where the run writes and the checkpoint it resumes from (run_folder.prepare, resume_point), decided by the
+    main process alone, which may move and delete files meanwhile, and received by every other process."""
+    def decide():
+        folder = run_folder.prepare(recipe, overwrite=overwrite, log=log)
+        return folder, resume_point(recipe, folder, log)
+
+    return decided_by_main(decide, cuda=not recipe.train.use_cpu)
+
+
+def resume_point(recipe: Recipe, folder: RunFolder, log=print) -> str | None:
     """The checkpoint folder to resume from (None: start fresh). `latest` is the newest complete checkpoint;
-    incomplete ones are named, and the staged leftovers of killed saves removed (by the main process)."""
+    a publish a kill cut short is finished, incomplete checkpoints are named, and staged leftovers of killed saves
+    removed (only the main process calls this)."""
     wanted = recipe.train.resume_from_checkpoint
     if wanted is None:
         return None
     checkpoints = folder.checkpoints
+    finish_publish(checkpoints, log)
     if wanted != "latest":
         path = Path(wanted).expanduser()
         if not path.is_dir():
@@ -72,10 +88,11 @@ def resume_point(recipe: Recipe, folder: RunFolder, log=print, main: bool = True
     if partial:
         log(f"ignoring incomplete checkpoint{'s' if len(partial) > 1 else ''} (a save was cut short): "
             + ", ".join(str(p) for p in partial))
-        if main:
-            for p in partial:
-                if p.parent.name == STAGING:
-                    shutil.rmtree(p, ignore_errors=True)
+        for p in partial:
+            if p.parent.name == STAGING:
+                shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (checkpoints / STAGING).rmdir()  # once empty: nothing is being saved
     if last is None:
         ignored = f" (only incomplete ones: {', '.join(p.name for p in partial)})" if partial else ""
         raise VlmtuneError(f"train.resume_from_checkpoint=latest: no checkpoint-N folder in {checkpoints}{ignored}; "
@@ -164,15 +181,24 @@ def expected_checkpoint_bytes(model, deepspeed: bool, previous: Path | None) -> 
 
 
 def publish(staged: Path, final: Path) -> None:
-    """Rename a complete checkpoint into place (replacing one of the same step saved by an earlier attempt)."""
-    if final.exists():
-        old = staged.parent / f"{final.name}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, final)
+    """Rename a complete checkpoint into place (replacing one of the same step saved by an earlier attempt, which
+    is parked as .saving/checkpoint-N.replaced meanwhile: see finish_publish)."""
+    swap_in(staged, final, staged.parent / f"{final.name}{REPLACED}")
+
+
+def finish_publish(checkpoints: Path, log=print) -> None:
+    """Finish a publish a kill cut short between its two renames: checkpoint-N missing, the whole new copy still
+    at .saving/checkpoint-N (a publish starts only once every rank has saved) and the old at its .replaced name."""
+    staging = checkpoints / STAGING
+    if not staging.is_dir():
+        return
+    for parked in sorted(staging.glob(f"checkpoint-*{REPLACED}")):
+        final = checkpoints / parked.name.removesuffix(REPLACED)
+        staged = staging / final.name
+        if not final.exists():
+            os.replace(staged if staged.is_dir() else parked, final)
+            log(f"completed the interrupted save of {final}")
+        shutil.rmtree(parked, ignore_errors=True)
 
 
 def _discard(staged: Path) -> None:
@@ -205,6 +231,7 @@ class AtomicCheckpoints:
     after a check that the disk has room for it. `run_identity` (a dict) is saved into each checkpoint."""
 
     run_identity: dict | None = None
+    resumed_at_end = False  # resumed from a checkpoint at the last step: no step trained, only loaded
     _staging_save = False
 
     def _get_output_dir(self, trial) -> str:
@@ -245,9 +272,28 @@ class AtomicCheckpoints:
                              resume_from_checkpoint, trial):
         result = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                               resume_from_checkpoint, trial)
-        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+        if resume_from_checkpoint is None or self.state.global_step < max_steps:
+            return result
+        if (Path(self.args.output_dir).parent / METADATA_FILE).is_file():
             raise VlmtuneError(f"train.resume_from_checkpoint: {resume_from_checkpoint} is at step "
                                f"{self.state.global_step} and this recipe trains {max_steps} steps: that run is "
                                "finished, nothing is left to train. To train it further raise train.max_steps (or "
                                "train.num_train_epochs); to start over use another output_dir or --overwrite")
-        return result
+        # a run that failed after its last checkpoint (final eval, a full disk in the final write): the loop runs
+        # no epoch, the checkpoint is loaded as for any resume, and the outputs are written from it
+        self.resumed_at_end = True
+        return num_train_epochs, 0
+
+
+def logged_train_metrics(checkpoint: str) -> dict:
+    """train_results.json's training figures for a run whose outputs are written from its last checkpoint (the
+    steps ran in an earlier process): train_loss is the mean of the losses logged in the checkpoint's state."""
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    total = last = 0
+    for entry in (h for h in state.get("log_history", []) if "loss" in h and "step" in h):
+        total += entry["loss"] * (entry["step"] - last)
+        last = entry["step"]
+    metrics = {"outputs_from_checkpoint": str(checkpoint), "total_flos": state.get("total_flos")}
+    if last:
+        metrics["train_loss"] = total / last
+    return metrics

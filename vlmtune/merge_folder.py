@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import families
+from .disk import check_space, human_size, swap_in  # noqa: F401 (human_size: merge.py reads it from here)
 from .errors import VlmtuneError
 from .merge_lora import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .run_metadata import read_metadata
@@ -152,23 +153,10 @@ def remove_leftovers(out: Path, log=print) -> None:
             log(f"removed {path}, left beside {out} by an interrupted earlier merge")
 
 
-def human_size(n: float) -> str:
-    """Decimal units, as disk sizes and `--shard-size 5GB` are given."""
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1000
-        if n < 1000 or unit == "GB":
-            break
-    return f"{n:.2f} {unit}"
-
-
 def check_disk(folder: Path, need: int) -> None:
-    """Refuse to start a merge that cannot finish for lack of disk space."""
-    free = shutil.disk_usage(folder).free
-    if free < need * 1.02 + 16 * 2**20:
-        raise VlmtuneError(f"not enough disk space in {folder}: the merged model needs about {human_size(need)}, "
-                           f"{human_size(free)} are free")
+    """Refuse to start a merge that cannot finish for lack of disk space (2% and 16 MiB to spare)."""
+    check_space(folder, int(need * 1.02) + 16 * 2**20, "the merge was not started", subject="the merged model",
+                advice="free up space, or choose an --out on a larger disk")
 
 
 def write_config(folder: Path, base_dir: Path, dtype, untie: bool) -> None:
@@ -213,15 +201,11 @@ def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder to `out` (replacing an old one only once the new one is complete)."""
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp is owner-only
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # see remove_leftovers
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old / out.name, out)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
+    if not out.exists():
         os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # see remove_leftovers
+    try:
+        swap_in(tmp, out, old / out.name)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Recipe
-from .disk import existing_ancestor
+from .disk import existing_ancestor, swap_in
 from .errors import VlmtuneError
 
 METADATA_FILE = "vlmtune.json"  # written last: a folder that holds it is a finished run
@@ -18,7 +19,8 @@ RESULTS_FILE = "train_results.json"
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
 STAGING_PREFIX = ".staging-"  # the final write's temporary folder (training.write_outputs)
-_RUN_ENTRIES = {METADATA_FILE, RESULTS_FILE, RECIPE_FILE, CHECKPOINTS}
+MOVING_FILE = ".vlmtune-moving.json"  # the names the final write moves in, until vlmtune.json lists them
+_RUN_ENTRIES = {METADATA_FILE, RESULTS_FILE, RECIPE_FILE, CHECKPOINTS, MOVING_FILE}
 OVERWRITE_HINT = "--overwrite (vlmtune.train(..., overwrite=True))"
 
 
@@ -46,11 +48,7 @@ class RunFolder:
         """Put a complete replacement in place of the earlier run: two renames, no copy."""
         if not self.replacing:
             return
-        aside = _aside(self.final)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(self.final, aside)
-        os.replace(self.work, self.final)
-        shutil.rmtree(aside, ignore_errors=True)
+        swap_in(self.work, self.final, _aside(self.final))  # a kill between them: _complete_interrupted_swap
         log(f"replaced the earlier run in {self.final}")
 
 
@@ -59,10 +57,13 @@ def output_path(recipe: Recipe) -> Path:
 
 
 def run_state(folder: Path) -> str:
-    """new | empty | finished | interrupted (a run's files without vlmtune.json) | foreign (someone else's files)."""
+    """new | empty (hidden names at most, and an empty checkpoints/) | finished | interrupted (a run's files
+    without vlmtune.json) | foreign (someone else's files)."""
     if not folder.is_dir():
         return "new"
     names = {p.name for p in folder.iterdir()}
+    if (folder / CHECKPOINTS).is_dir() and not any((folder / CHECKPOINTS).iterdir()):
+        names.discard(CHECKPOINTS)  # the Trainer makes it as it starts: a crash before the first save left nothing
     if METADATA_FILE in names:
         return "finished"
     if names & _RUN_ENTRIES or any(n.startswith(STAGING_PREFIX) for n in names):
@@ -70,15 +71,15 @@ def run_state(folder: Path) -> str:
     return "foreign" if any(not n.startswith(".") for n in names) else "empty"
 
 
-def prepare(recipe: Recipe, overwrite: bool = False, log=print, main: bool = True) -> RunFolder:
+def prepare(recipe: Recipe, overwrite: bool = False, log=print) -> RunFolder:
     """Check that the run may write to output_dir, before any work; where it writes (RunFolder.create makes it).
 
     A finished or interrupted run there is refused unless resumed or `overwrite`; with `overwrite` the new run
-    is written beside it and swapped in when complete. `main`: this process may move and delete files."""
+    is written beside it and swapped in when complete. It may move and delete files: only the main process calls
+    it (checkpoints.folder_and_resume)."""
     out = output_path(recipe)
     _check_place(out, recipe)
-    if main:
-        _complete_interrupted_swap(out, log)
+    _complete_interrupted_swap(out, log)
     state = run_state(out)
     resume = recipe.train.resume_from_checkpoint is not None
     if state == "foreign":
@@ -92,7 +93,7 @@ def prepare(recipe: Recipe, overwrite: bool = False, log=print, main: bool = Tru
             raise VlmtuneError(f"output_dir {out} holds files its run did not write ({', '.join(others[:5])}"
                                f"{', ...' if len(others) > 5 else ''}), which {OVERWRITE_HINT} would delete with "
                                "the run; move them out first, or choose another output_dir")
-        return RunFolder(out, _replacement(out, resume, log, main))
+        return RunFolder(out, _replacement(out, resume, log))
     if state in ("finished", "interrupted") and not resume:
         raise VlmtuneError(_refusal(out, state))
     return RunFolder(out, out)
@@ -101,19 +102,39 @@ def prepare(recipe: Recipe, overwrite: bool = False, log=print, main: bool = Tru
 def _not_the_runs(out: Path, state: str) -> list[str]:
     """Names in a run's folder that the run did not write (a user's predictions, notes, ...).
 
-    A finished run lists its files in vlmtune.json; one written before that list existed is taken as whole."""
-    import json
-
+    A finished run lists its files in vlmtune.json (one written before that list existed is taken as whole); a
+    run killed during its final write, in .vlmtune-moving.json (note_moving)."""
     own = set(_RUN_ENTRIES)
     if state == "finished":
-        try:
-            files = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("files")
-        except (OSError, ValueError):
-            files = None
+        files = _listed(out / METADATA_FILE, "files")
         if files is None:
             return []
         own.update(files)
+    else:
+        own.update(_listed(out / MOVING_FILE, "files") or [])
     return sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
+
+
+def _listed(path: Path, key: str) -> list[str] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, list) else None
+
+
+def note_moving(out: Path, names: list[str]) -> None:
+    """Before the final write moves its files into `out`: their names (and those an earlier write there listed),
+    so that --overwrite after a kill mid-move knows them as the run's own. vlmtune.json lists them after."""
+    earlier = (_listed(out / name, "files") or [] for name in (METADATA_FILE, MOVING_FILE))
+    listed = sorted(set(names).union(*earlier))
+    tmp = out / f"{MOVING_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": listed}), encoding="utf-8")
+    os.replace(tmp, out / MOVING_FILE)
+
+
+def done_moving(out: Path) -> None:
+    (out / MOVING_FILE).unlink(missing_ok=True)
 
 
 def _refusal(out: Path, state: str) -> str:
@@ -132,8 +153,6 @@ def _refusal(out: Path, state: str) -> str:
 
 
 def _finished_summary(out: Path) -> str:
-    import json
-
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime((out / METADATA_FILE).stat().st_mtime))
     try:
         steps = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")).get("global_step")
@@ -142,7 +161,7 @@ def _finished_summary(out: Path) -> str:
     return f"written {when}" + (f", {steps} steps" if steps is not None else "")
 
 
-def _replacement(out: Path, resume: bool, log, main: bool) -> Path:
+def _replacement(out: Path, resume: bool, log) -> Path:
     """The hidden sibling the replacing run is written to; with resume, the one an earlier --overwrite left."""
     if os.path.ismount(out):
         raise VlmtuneError(f"output_dir {out} is a mount point: {OVERWRITE_HINT} replaces the folder by renaming "
@@ -155,7 +174,7 @@ def _replacement(out: Path, resume: bool, log, main: bool) -> Path:
                                f"the run in {out}, or drop resume_from_checkpoint to replace it from scratch")
         log(f"continuing the unfinished replacement of {out} in {work}")
         return work
-    if main and work.exists():
+    if work.exists():
         shutil.rmtree(work)
         log(f"removed {work}: an unfinished replacement run left by an earlier --overwrite")
     log(f"--overwrite: the new run is written to {work}; it replaces {out} when it is complete")

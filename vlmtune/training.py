@@ -191,12 +191,10 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
     from . import checkpoints, run_folder
     from .distributed import gathered_adapter_state, is_main_process
 
-    main = is_main_process()
-    if not main:  # only rank 0 reports
+    if not is_main_process():  # only rank 0 reports
         log = _quiet
     log(f"output folder: {run_folder.output_path(recipe)}")
-    folder = run_folder.prepare(recipe, overwrite=overwrite, log=log, main=main)
-    resume = checkpoints.resume_point(recipe, folder, log, main=main)
+    folder, resume = checkpoints.folder_and_resume(recipe, overwrite, log)
     plan = plan_run(recipe)
     log(f"model: {recipe.model.name_or_path} (family {plan.family.name}, {plan.runtime.device}, "
         f"{str(plan.runtime.dtype).removeprefix('torch.')}, attention {plan.runtime.attn_implementation}, "
@@ -214,6 +212,9 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(output.metrics)
+    if trainer.resumed_at_end:
+        log(f"{resume} is at the last step: nothing was left to train; the run's outputs are written from it")
+        metrics = checkpoints.logged_train_metrics(resume)
     metrics["global_step"] = trainer.state.global_step
     metrics.update(_data_metrics(plan, metrics))
     metrics["wall_seconds"] = time.perf_counter() - start
@@ -266,6 +267,7 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
     adapter_state: the adapter weights gathered from every ZeRO-3 rank (else read from the model)."""
     from .checkpoints import adapter_bytes
     from .disk import check_space, full_disk_as_error
+    from .run_folder import done_moving, note_moving
 
     needed = adapter_bytes(trainer.model) + 16 * 2**20  # and the processor's files (tokenizer: a few MB)
     what = f"the adapter was not written to {out}"
@@ -281,8 +283,9 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
             (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
             meta = metadata(plan)
-            (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
             names = sorted(p.name for p in staging.iterdir())
+            note_moving(out, names)  # a kill in the moves below leaves them known as the run's own
+            (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
             meta["files"] = names  # what this run wrote: --overwrite refuses to delete anything else
             for name in names:
                 target = out / name
@@ -292,5 +295,6 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             meta_tmp = out / f".{METADATA_FILE}.tmp"
             meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
             os.replace(meta_tmp, out / METADATA_FILE)
+            done_moving(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
