@@ -115,6 +115,17 @@ def test_overwrite_never_deletes_files_the_run_did_not_write(finished, data, tmp
     assert snapshot(out) == before
 
 
+def test_overwrite_refuses_when_the_runs_file_list_cannot_be_read(finished, data, tmp_path):
+    out = copy_run(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "vlmtune.json").write_text('{"files": ["adapter_model.safetensors"')  # cut short
+    before = snapshot(out)
+    new = recipe_at(out, data, **{"train.max_steps": 1, "train.save_steps": 1000})
+    with pytest.raises(vlmtune.VlmtuneError, match="cannot tell the run's files"):
+        vlmtune.train(new, log=quiet, overwrite=True)
+    assert snapshot(out) == before
+
+
 def test_sft_refuses_a_finished_run_and_passes_overwrite_on(data, tmp_path, monkeypatch, capsys, no_work):
     out = tmp_path / "run"
     out.mkdir()

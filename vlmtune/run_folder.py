@@ -106,10 +106,18 @@ def _not_the_runs(out: Path, state: str) -> list[str]:
     run killed during its final write, in .vlmtune-moving.json (note_moving)."""
     own = set(_RUN_ENTRIES)
     if state == "finished":
-        files = _listed(out / METADATA_FILE, "files")
-        if files is None:
+        meta = out / METADATA_FILE
+        try:
+            parsed = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            parsed = None
+        if not isinstance(parsed, dict):  # no list to trust: deleting anything could delete a user's file
+            raise VlmtuneError(f"{meta} cannot be read, so {OVERWRITE_HINT} cannot tell the run's files from "
+                               "anyone else's; choose another output_dir, or move what you want to keep out of "
+                               f"{out} and delete it yourself")
+        if parsed.get("files") is None:
             return []
-        own.update(files)
+        own.update(parsed["files"])
     else:
         own.update(_listed(out / MOVING_FILE, "files") or [])
     return sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith("."))
