@@ -65,7 +65,7 @@ def test_every_shipped_config_validates_against_deepspeeds_config_class(name, wo
         assert ds.train_batch_size == 8 and ds.train_micro_batch_size_per_gpu == 2
         assert ds.gradient_accumulation_steps == 4 and ds.gradient_clipping == 1.0
         assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
-        assert ds.zero_config.offload_param is not None if name == "zero3_offload" else True
+        assert (ds.zero_config.offload_param is not None) == (name == "zero3_offload")  # only that preset pages
     # DeepSpeed itself rejects what it does not accept: a wrong batch identity, an unknown ZeRO key
     bad = dict(filled, train_batch_size=filled["train_batch_size"] + 1)
     assert "train_batch_size" in " ".join(dsc.validate(bad, world_size=world))
