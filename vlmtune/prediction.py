@@ -3,7 +3,7 @@
 A prompt goes through training's own path: vlmtune's Formatter with the processor saved beside the model
 (same chat template, system prompt and pixel bounds), the family's image layout, the dataset transform
 and the collator; the tokens before the final reply are the prompt, ending in the template's generation
-prompt. Batches are left-padded; Qwen's 3-D positions come from `mm_token_type_ids`, as transformers'
+prompt. Batches are left-padded; inputs only generate() needs come from the family, as transformers'
 own processor would give them.
 """
 
@@ -266,7 +266,7 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
     dataset = to_dataset(examples, loaded.family, loaded.processor)
     batch = VisionCollator(pad)([dataset[i] for i in range(len(examples))])
     batch.pop("labels")
-    batch.pop("position_ids", None)  # generate() derives positions from the attention mask (and mm_token_type_ids)
+    batch.pop("position_ids", None)  # generate() derives positions from the attention mask (and the family's generation inputs)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     left_ids, left_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
     for i in range(len(examples)):
@@ -274,11 +274,8 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
         left_ids[i, ids.shape[1] - n:] = ids[i, :n]
         left_mask[i, ids.shape[1] - n:] = 1
     batch["input_ids"], batch["attention_mask"] = left_ids, left_mask
-    processor = loaded.processor
-    if "mm_token_type_ids" in getattr(processor, "model_input_names", ()):
-        # Qwen2-VL derives its 3-D (M-RoPE) positions in generate() from these; without them it silently
-        # gives image tokens plain 1-D positions, unlike training
-        batch["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(left_ids.tolist()))
+    if loaded.family.generation_inputs is not None:
+        batch.update(loaded.family.generation_inputs(loaded.processor, left_ids))
     return batch
 
 

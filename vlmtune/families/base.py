@@ -54,6 +54,8 @@ class Family:
     video_layout: VideoLayoutFn | None = None
     video_grid_key: str = "video_grid_thw"
     video_time_step: VideoTimeFn | None = None
+    # Extra inputs generate() needs beside ids, mask and pixels: (processor, left-padded ids) -> {key: tensor}.
+    generation_inputs: Callable[[object, torch.Tensor], dict] | None = None
     extra: dict = field(default_factory=dict)
 
     def component_of(self, param_name: str) -> str:

@@ -91,6 +91,14 @@ def qwen_mrope_positions(input_ids: torch.Tensor, image_grids: Sequence[Sequence
     return torch.cat(pieces, dim=1)
 
 
+def qwen_generation_inputs(processor, input_ids) -> dict:
+    """`mm_token_type_ids`: generate() derives Qwen's 3-D (M-RoPE) positions from them; without them it silently
+    gives image tokens plain 1-D positions, unlike training."""
+    import torch
+
+    return {"mm_token_type_ids": torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()))}
+
+
 def _qwen(name: str, model_types: tuple[str, ...], description: str, **kw) -> Family:
     return Family(
         name=name,
@@ -108,6 +116,7 @@ def _qwen(name: str, model_types: tuple[str, ...], description: str, **kw) -> Fa
         position_ids=qwen_mrope_positions,
         video_token="<|video_pad|>",
         video_layout=qwen_video_layout,
+        generation_inputs=qwen_generation_inputs,
         **kw,
     )
 
