@@ -106,6 +106,9 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
                                "is not installed: pip install 'vlmtune[flash]', or use sdpa (or auto)"))
     if m.attn_implementation == "flash_attention_2" and not cuda:
         errs.append(FieldError("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use sdpa (or auto)"))
+    if m.attn_implementation == "flash_attention_2" and not takes_flash_attention(family):
+        errs.append(FieldError("model.attn_implementation", f"{family.description} does not support flash_attention_2 "
+                               f"(transformers' {family.model_class}); use sdpa (or auto)"))
     for key in ("video_min_pixels", "video_max_pixels"):
         if getattr(recipe.data, key) and family.video_layout is None:
             errs.append(FieldError(f"data.{key}", f"{family.description} does not take video; remove it"))
@@ -139,8 +142,15 @@ def runtime_for(recipe: Recipe, family: Family) -> Runtime:
         dtype = torch.float32
     attn = m.attn_implementation
     if attn == "auto":
-        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+        flash = cuda and importlib.util.find_spec("flash_attn") and takes_flash_attention(family)
+        attn = "flash_attention_2" if flash else "sdpa"
     return Runtime("cuda" if cuda else "cpu", dtype, attn)
+
+
+def takes_flash_attention(family: Family) -> bool:
+    """Whether the family's transformers class runs flash_attention_2 (some refuse it: it would drop a mask
+    they need, e.g. bidirectional attention over image tokens)."""
+    return bool(getattr(family.load_class(), "_supports_flash_attn", True))
 
 
 def _looks_like_path(name: str) -> bool:
