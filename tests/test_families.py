@@ -57,7 +57,7 @@ def test_unknown_family_error_lists_the_supported_ones():
         families.get("llava2")
     assert all(name in str(e.value) for name in FAMILIES)
     with pytest.raises(families.UnknownFamilyError, match="llava_onevision"):
-        families.for_model_type("idefics3")
+        families.for_model_type("no_such_vlm")
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)

@@ -66,6 +66,20 @@ def roundtrip(tokenizer, text: str) -> str:
     return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def shown_reply(processor, reply: str) -> str:
+    """A supervised reply as its run of tokens decodes: with the whitespace the template writes between the
+    generation prompt and the reply (`Assistant:` + " "), which the model generates and is trained on; a
+    decoder that drops a run's leading space (Llama's) shows the reply without it."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    prompt = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": "§"}]}],
+                                         tokenize=False)
+    tok = processor.tokenizer
+    text = roundtrip(tok, full[len(prompt):full.index("§", len(prompt))] + reply)
+    drops_space = tok.decode(tok("\n a", add_special_tokens=False)["input_ids"][-1:]) == "a"
+    return text.removeprefix(" ") if drops_space else text
+
+
 def supervised_runs(tokenizer, ids, labels) -> list[str]:
     """Each run of consecutive supervised tokens, decoded on its own."""
     runs, run = [], []
@@ -104,7 +118,7 @@ def test_ids_equal_the_processors_chat_template(family_name, case, processor_for
     assert without_appended_eos(out.input_ids, ref, tok.eos_token_id) == (ref, appended(family, c))
     replies = [t.text for t in c.turns if t.role == "assistant"]
     end = end_token(family, tok)
-    assert supervised_runs(tok, out.input_ids, out.labels) == [r + end for r in replies]
+    assert supervised_runs(tok, out.input_ids, out.labels) == [shown_reply(processor, r) + end for r in replies]
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(out.input_ids, out.labels, strict=True))
     image_id = tok.convert_tokens_to_ids(family.image_token)
     assert all(lab == IGNORE_INDEX for i, lab in zip(out.input_ids, out.labels, strict=True) if i == image_id)
@@ -123,17 +137,20 @@ def test_masking_strategies_select_their_turns(family_name, processor_for, image
         out = Formatter(family, processor, train_on)(c, counts)
         return out, supervised_runs(tok, out.input_ids, out.labels)
 
+    def run(reply):
+        return shown_reply(processor, reply) + end
+
     _, every = supervised(TrainOn.ASSISTANT)
-    assert every == [f"The first is red, the second green.{end}", f"Yellow.{end}"]
+    assert every == [run("The first is red, the second green."), run("Yellow.")]
     _, last = supervised(TrainOn.LAST_ASSISTANT)
-    assert last == [f"Yellow.{end}"]
+    assert last == [run("Yellow.")]
     out, _ = supervised(TrainOn.ALL)
     image_id = tok.convert_tokens_to_ids(family.image_token)
     everything = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
     assert everything == [i for i in out.input_ids if i != image_id]
     c.turns[2].train = False
     _, skipped = supervised(TrainOn.ASSISTANT)
-    assert skipped == [f"Yellow.{end}"]
+    assert skipped == [run("Yellow.")]
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -235,7 +252,7 @@ def test_generated_conversations_supervise_exactly_the_replies(family_name, proc
     if train_on is TrainOn.LAST_ASSISTANT:
         chosen = [r for r in replies[-1:] if r.train]
     end = end_token(family, tok)
-    assert supervised_runs(tok, ids, labels) == [roundtrip(tok, r.text) + end for r in chosen]
+    assert supervised_runs(tok, ids, labels) == [shown_reply(processor, r.text) + end for r in chosen]
 
 
 # --- conformance with the real Qwen2.5-VL tokenizer and template ----------------------------------------------
