@@ -22,7 +22,9 @@ from vlmtune.data.video import (
     VideoClip,
     VideoProblem,
     apply_video_settings,
+    dumps,
     load_frames,
+    loads,
     probe,
     processor_kwargs,
     sample_indices,
@@ -135,6 +137,16 @@ def test_a_video_file_is_probed_sampled_and_decoded(clip_file):
     assert [im.size for im in decoded] == [(64, 48)] * 4
     brightness = [im.convert("L").getpixel((32, 24)) for im in decoded]
     assert brightness == pytest.approx([10 * k for k in indices], abs=6)
+
+
+def test_a_clip_records_the_frame_rate_its_indices_count_in(clip_file, frames, processor_for):
+    """Frame k of a clip is at indices[k] / frame_rate seconds: a file's own rate, a frame list's sampling fps."""
+    family, processor = families.get("qwen2_vl"), configured(processor_for("qwen2_vl"), fps=3.0)
+    from_file, from_list = video_clips(family, processor, [clip_file, tuple(frames)], {})
+    assert (from_file.frame_rate, from_list.frame_rate) == (10.0, 3.0)
+    assert loads(dumps([from_file, from_list])) == [from_file, from_list]
+    written_before = {k: v for k, v in from_file.to_json().items() if k != "frame_rate"}
+    assert VideoClip.from_json(written_before).frame_rate is None
 
 
 def test_a_missing_decoder_is_named(clip_file, monkeypatch, tmp_path, frames, processor_for):

@@ -299,7 +299,7 @@ def video_clips(family: Family, processor, refs: list, cache: dict) -> list[Vide
         except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
             raise ValueError(f"{describe(ref)} ({info.width}x{info.height}) cannot be processed: {e}") from None
         seconds = multiple / sampled_fps(info, indices, fps)
-        clips.append(VideoClip(ref, tuple(indices), tuple(grid), tokens, seconds))
+        clips.append(VideoClip(ref, tuple(indices), tuple(grid), tokens, seconds, info.fps or fps))
     return clips
 
 

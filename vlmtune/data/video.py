@@ -48,16 +48,20 @@ class VideoClip:
     grid: tuple[int, ...]
     tokens: int
     seconds_per_grid: float  # the time one temporal patch covers (temporal patch / sampled fps)
+    # frames per second of `source` that `indices` count in (a file's own rate; a frame list: the sampling fps),
+    # so frame k is at indices[k] / frame_rate seconds; None: not recorded
+    frame_rate: float | None = None
 
     def to_json(self) -> dict:
         return {"source": list(self.source) if isinstance(self.source, tuple) else self.source,
                 "indices": list(self.indices), "grid": list(self.grid), "tokens": self.tokens,
-                "seconds_per_grid": self.seconds_per_grid}
+                "seconds_per_grid": self.seconds_per_grid, "frame_rate": self.frame_rate}
 
     @classmethod
     def from_json(cls, d: dict) -> VideoClip:
         source = tuple(d["source"]) if isinstance(d["source"], list) else d["source"]
-        return cls(source, tuple(d["indices"]), tuple(d["grid"]), d["tokens"], d["seconds_per_grid"])
+        return cls(source, tuple(d["indices"]), tuple(d["grid"]), d["tokens"], d["seconds_per_grid"],
+                   d.get("frame_rate"))
 
 
 def dumps(clips: list[VideoClip]) -> str:
