@@ -75,6 +75,10 @@ def shown_reply(processor, reply: str) -> str:
     full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": "§"}]}],
                                          tokenize=False)
     tok = processor.tokenizer
+    padded = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": " § "}]}],
+                                           tokenize=False)
+    if " § " not in padded:  # the template trims replies (Gemma 3's `| trim`): what it renders is trained on
+        reply = reply.strip()
     text = roundtrip(tok, full[len(prompt):full.index("§", len(prompt))] + reply)
     drops_space = tok.decode(tok("\n a", add_special_tokens=False)["input_ids"][-1:]) == "a"
     return text.removeprefix(" ") if drops_space else text
