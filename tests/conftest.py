@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vlmtune import families
+
 
 def _reference() -> Path:
     """The real model files in ../shared/reference (or $VLMTUNE_REFERENCE); tests that need them skip without."""
@@ -19,9 +21,8 @@ def _reference() -> Path:
 
 
 REFERENCE = _reference()
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision"]
-BUILTIN = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava": "tiny-llava",
-           "llava_next": "tiny-llava-next", "llava_onevision": "tiny-llava-onevision"}
+FAMILIES = families.names()  # every registered family; a new one is tested by everything here
+BUILTIN = {f.name: f.tiny_name for f in families.all_families()}
 
 
 @pytest.fixture(scope="session", autouse=True)

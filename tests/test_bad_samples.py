@@ -12,7 +12,7 @@ from PIL import Image
 
 import vlmtune
 from vlmtune import cli, families, training
-from vlmtune.data.collator import VisionCollator
+from vlmtune.data.collator import collator_for
 from vlmtune.data.dataset import BadSample, to_dataset
 from vlmtune.data.formatting import IGNORE_INDEX
 
@@ -65,7 +65,7 @@ def test_rows_that_fail_to_load_are_marked_and_the_collator_drops_them(processor
     assert str(paths["frame1"]) in marks[2]["reason"]
     assert str(clip) in marks[3]["reason"]  # a VideoProblem
 
-    collate = VisionCollator(processor.tokenizer.pad_token_id)
+    collate = collator_for(families.get("qwen2_vl"), processor.tokenizer.pad_token_id)
     batch = collate(features)
     assert batch["input_ids"].shape[0] == 1 and batch["bad_samples"] == marks
     assert batch["image_grid_thw"].tolist() == [list(g) for g in examples[0].grids]

@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from vlmtune import families
-from vlmtune.data.collator import VisionCollator
+from vlmtune.data.collator import collator_for
 from vlmtune.data.dataset import to_dataset
 from vlmtune.data.formatting import Formatter
 from vlmtune.data.prepare import prepare
@@ -56,7 +56,7 @@ def test_shrink_images_lowers_resolution_until_the_sample_fits(tmp_path, process
     assert len(ex.input_ids) <= 70 and ex.max_pixels is not None
     assert ex.max_pixels >= processor.image_processor.size["shortest_edge"]
     # the image processor, run under the sample's own bound, makes exactly the planned grid
-    batch = VisionCollator(0)([to_dataset(data.examples, family, processor)[0]])
+    batch = collator_for(family, 0)([to_dataset(data.examples, family, processor)[0]])
     (t, h, w), = batch["image_grid_thw"].tolist()
     assert (t, h, w) == tuple(ex.grids[0]) and t * h * w // 4 == ex.input_ids.count(
         processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))

@@ -14,28 +14,26 @@ import torch
 from PIL import Image
 
 from vlmtune import demo, families
-from vlmtune.data.collator import VisionCollator
+from vlmtune.data.collator import collator_for
 from vlmtune.data.conversation import Conversation, Part, Turn
 from vlmtune.data.dataset import to_dataset
 from vlmtune.data.formatting import IGNORE_INDEX, Formatter
-from vlmtune.data.prepare import Example, image_tokens
+from vlmtune.data.prepare import Example
 
 from .conftest import BUILTIN, FAMILIES, REFERENCE
-from .test_formatting import CASES, counts_for, reference_ids, supervised_runs, without_appended_eos
+from .test_formatting import CASES, plans_for, reference_ids, supervised_runs, texts_for, without_appended_eos
 
 SIZES = [(56, 56), (120, 40), (30, 90), (224, 168), (500, 20), (333, 250), (20, 300)]  # (width, height)
-ANYRES = [f for f in FAMILIES if families.get(f).grid_key == "image_sizes"]
+ANYRES = ["llava_next", "llava_onevision"]
 
 
 @pytest.fixture(scope="module")
 def model_for(model_dir):
-    from transformers import AutoModelForImageTextToText
-
     cache = {}
 
     def get(family):
         if family not in cache:
-            cache[family] = AutoModelForImageTextToText.from_pretrained(model_dir(family)).eval()
+            cache[family] = families.get(family).load_class().from_pretrained(model_dir(family)).eval()
         return cache[family]
 
     return get
@@ -65,7 +63,7 @@ def test_family_describes_its_tiny_model(family_name, model_for):
     family, model = families.get(family_name), model_for(family_name)
     assert families.for_model_type(model.config.model_type) is family
     modules = dict(model.named_modules())
-    for prefix in (family.vision_prefix, family.projector_prefix, family.language_prefix,
+    for prefix in (family.vision_prefix, *family.projector_prefixes, family.language_prefix,
                    *family.skip_quantization):
         assert prefix in modules, prefix
     language_linear = {n.rsplit(".", 1)[-1] for n, m in modules.items()
@@ -75,45 +73,56 @@ def test_family_describes_its_tiny_model(family_name, model_for):
     assert other <= {"model.image_newline"}  # anyres row separator, trained with neither part
 
 
-# --- image token counts -----------------------------------------------------------------------------------------
+# --- image plans -----------------------------------------------------------------------------------------------
 
-def processor_image_tokens(processor, family, images: list) -> int:
-    """How many image tokens the processor expands one sample's `<image>` placeholders to."""
+def processor_ids(processor, images: list) -> list[int]:
+    """The processor's own ids for one user turn holding `images` and a question."""
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": "?"}]}],
         tokenize=False)
-    ids = processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0]
-    return int((ids == processor.tokenizer.convert_tokens_to_ids(family.image_token)).sum())
+    return processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0].tolist()
+
+
+def planned_ids(family, processor, images: list):
+    c = Conversation([Turn("user", [Part("image", image=f"{i}.png") for i in range(len(images))]
+                           + [Part("text", text="?")])], source="t:1")
+    plans = family.plan_images(processor, [(im.height, im.width) for im in images])
+    return Formatter(family, processor)(c, [p.text for p in plans]), plans
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
-def test_image_layout_equals_the_processors_count(family_name, processor_for):
+def test_image_plans_equal_the_processors_expansion(family_name, processor_for):
     family, processor = families.get(family_name), processor_for(family_name)
-    counts = set()
     for w, h in SIZES:
-        n, grid = family.image_layout(processor, h, w)
-        assert n == processor_image_tokens(processor, family, [Image.new("RGB", (w, h))]), (w, h)
-        counts.add(n)
-    assert (len(counts) > 1) == (family_name != "llava")  # only LLaVA-1.5 gives every image the same count
-
-
-@pytest.mark.parametrize("family_name", ANYRES)
-def test_anyres_grid_is_the_image_size_the_processor_reports(family_name, processor_for):
-    family, processor = families.get(family_name), processor_for(family_name)
-    imgs = [Image.new("RGB", size) for size in SIZES[:3]]
-    made = processor.image_processor(images=[imgs], return_tensors="pt")
-    assert made["image_sizes"].tolist() == [list(family.image_layout(processor, h, w)[1]) for w, h in SIZES[:3]]
+        image = Image.new("RGB", (w, h))
+        out, (plan,) = planned_ids(family, processor, [image])
+        assert out.input_ids == processor_ids(processor, [image]), (w, h)
+        assert [(b - a) for a, b, _ in out.media] == [plan.tokens], (w, h)
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
-def test_multi_image_samples_get_the_processors_count(family_name, processor_for):
+def test_multi_image_samples_get_the_processors_expansion(family_name, processor_for):
     family, processor = families.get(family_name), processor_for(family_name)
     imgs = [Image.new("RGB", size) for size in SIZES[:3]]
-    alone = [family.image_layout(processor, h, w)[0] for w, h in SIZES[:3]]
-    expected = sum(alone) if family.multi_image_tokens is None else 3 * family.multi_image_tokens(processor)
-    assert processor_image_tokens(processor, family, imgs) == expected
-    if family.multi_image_tokens is not None:  # LLaVA-OneVision: base view + newline per image, no tiling
-        assert family.multi_image_tokens(processor) == 17 < min(alone)
+    out, plans = planned_ids(family, processor, imgs)
+    assert out.input_ids == processor_ids(processor, imgs)
+    assert [(b - a) for a, b, _ in out.media] == [p.tokens for p in plans]
+
+
+@pytest.mark.parametrize("family_name", [f for f in FAMILIES if families.get(f).made_grids is not None])
+def test_planned_grids_are_what_the_image_processor_reports(family_name, processor_for):
+    family, processor = families.get(family_name), processor_for(family_name)
+    for sizes in ([SIZES[0]], SIZES[:3]):
+        imgs = [Image.new("RGB", size) for size in sizes]
+        made = family.made_grids(family.image_inputs(processor, imgs, {}))
+        assert made == [list(p.grid) for p in family.plan_images(processor, [(h, w) for w, h in sizes])]
+
+
+def test_onevision_multi_image_samples_drop_anyres_tiling(processor_for):
+    family, processor = families.get("llava_onevision"), processor_for("llava_onevision")
+    alone = [family.plan_images(processor, [(h, w)])[0].tokens for w, h in SIZES[:3]]
+    together = [p.tokens for p in family.plan_images(processor, [(h, w) for w, h in SIZES[:3]])]
+    assert together == [17] * 3 and 17 < min(alone)  # base view + newline per image
 
 
 # --- batching ---------------------------------------------------------------------------------------------------
@@ -125,9 +134,10 @@ def _examples(family, processor, images) -> list[Example]:
     for i, paths in enumerate(rows):
         turns = [Turn("user", [Part("image", image=str(p)) for p in paths] + [Part("text", text="q" * (i + 1))]),
                  Turn("assistant", [Part("text", text="The circle is red.")])]
-        counts, grids = image_tokens(family, processor, paths, [Image.open(p).size for p in paths])
-        f = fmt(Conversation(turns, source=f"t:{i}"), counts)
-        out.append(Example(f.input_ids, f.labels, [str(p) for p in paths], grids, f"t:{i}"))
+        plans = plans_for(family, processor, paths)
+        f = fmt(Conversation(turns, source=f"t:{i}"), [p.text for p in plans])
+        out.append(Example(f.input_ids, f.labels, [str(p) for p in paths], [p.grid for p in plans], f"t:{i}",
+                           media=f.media))
     return out
 
 
@@ -145,10 +155,9 @@ def test_a_batch_gives_each_sample_the_loss_it_has_alone(family_name, processor_
     family, processor, model = families.get(family_name), processor_for(family_name), model_for(family_name)
     ds = to_dataset(_examples(family, processor, images), family, processor)
     rows = [ds[i] for i in range(len(ds))]
-    collate = VisionCollator(processor.tokenizer.pad_token_id)
+    collate = collator_for(family, processor.tokenizer.pad_token_id)
     batch = collate(rows)
-    image_id = processor.tokenizer.convert_tokens_to_ids(family.image_token)
-    assert (batch["input_ids"] == image_id).sum(1).tolist() == [r["input_ids"].tolist().count(image_id) for r in rows]
+    assert [int(m.sum()) for m in batch["attention_mask"]] == [len(r["input_ids"]) for r in rows]
     if family_name in ANYRES:  # images with different tile counts share one zero-padded tensor
         tiles = [r["pixel_values"].shape[1] for r in rows if r.get("pixel_values") is not None]
         assert len(set(tiles)) > 1 and batch["pixel_values"].shape[1] == max(tiles)
@@ -212,7 +221,7 @@ def test_conformance_with_real_llava_1_5_files(case, real_llava, images):
     family, processor = families.get("llava"), real_llava
     c = CASES[case](images)
     _, ref = reference_ids(processor, c, c.images)
-    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
     replies = [t.text for t in c.turns if t.role == "assistant"]
     assert ref[0] == 1  # the processor's BOS, which the formatter keeps
     assert without_appended_eos(out.input_ids, ref, 2) == (ref, len(replies))  # `</s>` is id 2
@@ -224,10 +233,12 @@ def test_conformance_with_real_llava_1_5_files(case, real_llava, images):
 
 def test_real_llava_336px_image_gives_576_tokens(real_llava):
     family = families.get("llava")
-    assert family.image_layout(real_llava, 336, 336) == (576, (336, 336))
+    (plan,) = family.plan_images(real_llava, [(336, 336)])
+    assert (plan.tokens, plan.grid, plan.text) == (576, (336, 336), "<image>" * 576)
     for w, h in ((336, 336), (640, 480), (100, 700)):
-        assert family.image_layout(real_llava, h, w)[0] == 576
-        assert processor_image_tokens(real_llava, family, [Image.new("RGB", (w, h))]) == 576
+        image = Image.new("RGB", (w, h))
+        assert family.plan_images(real_llava, [(h, w)])[0].tokens == 576
+        assert processor_ids(real_llava, [image]).count(32000) == 576
 
 
 def test_a_reply_the_template_merges_with_is_tokenized_on_its_own():
@@ -263,7 +274,7 @@ def test_a_template_that_ends_replies_with_eos_gets_no_second_one(processor_for,
     processor.chat_template = MISTRAL_LIKE
     c = CASES["multi_turn"](images)
     _, ref = reference_ids(processor, c, c.images)
-    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
     assert out.input_ids == ref  # nothing appended: the template's own `</s>` is supervised
     replies = [t.text for t in c.turns if t.role == "assistant"]
     assert supervised_runs(processor.tokenizer, out.input_ids, out.labels) == [r + "</s>" for r in replies]
@@ -294,7 +305,7 @@ def test_a_template_that_writes_bos_itself_gets_no_second_bos(processor_for, ima
     imgs = [Image.open(p).convert("RGB") for p in c.images]
     # as transformers' apply_chat_template(tokenize=True) does for such templates: no added BOS
     ref = processor(text=[text], images=imgs, add_special_tokens=False)["input_ids"][0]
-    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
     bos = processor.tokenizer.bos_token_id
     assert out.input_ids[:2].count(bos) == 1 and ref[:2].count(bos) == 1
     eos = processor.tokenizer.eos_token_id
@@ -313,4 +324,16 @@ def test_a_template_that_refuses_a_conversation_is_a_row_problem(processor_for, 
     c = CASES["multi_turn"](images)
     c.turns.insert(0, c.turns[0])
     with pytest.raises(FormatError, match="refuses this conversation: Conversation roles must alternate"):
-        Formatter(family, processor)(c, counts_for(family, processor, c.images))
+        Formatter(family, processor)(c, texts_for(family, processor, c.images))
+
+
+def test_a_pixel_bound_below_the_familys_patch_is_refused():
+    import vlmtune
+    from vlmtune.modeling import check_runtime
+
+    from .test_training import SHAPES
+
+    recipe = vlmtune.load_recipe(None, overrides={"model.name_or_path": "builtin:tiny-qwen2-vl", "data.min_pixels": 100,
+                                                  "data.train": str(SHAPES / "train.jsonl")})
+    (err,) = check_runtime(recipe, families.get("qwen2_vl"))
+    assert err.path == "data.min_pixels" and "multiples of 28x28" in err.message and "784" in err.message

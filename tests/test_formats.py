@@ -47,8 +47,8 @@ def to_examples(processor_for):
         assert not [x for x in items if isinstance(x, RowProblem)], items
         out = []
         for conv in items:
-            counts = [family.image_layout(processor, h, w)[0] for w, h in map(image_size, map(Path, conv.images))]
-            f = formatter(conv, counts)
+            sizes = [(h, w) for w, h in map(image_size, map(Path, conv.images))]
+            f = formatter(conv, [p.text for p in family.plan_images(processor, sizes)] if sizes else [])
             out.append((f.input_ids, f.labels, [sha(p) for p in conv.images]))
         return out
 

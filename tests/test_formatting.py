@@ -11,7 +11,7 @@ from PIL import Image
 from vlmtune import families
 from vlmtune.data.conversation import Conversation, Part, TrainOn, Turn
 from vlmtune.data.formatting import IGNORE_INDEX, FormatError, Formatter, template_messages
-from vlmtune.data.prepare import image_tokens
+from vlmtune.data.prepare import plan_images
 
 from .conftest import FAMILIES
 
@@ -32,9 +32,21 @@ def reference_ids(processor, conversation, image_paths):
     return text, batch["input_ids"][0].tolist()
 
 
-def counts_for(family, processor, paths):
-    """Image tokens per image of one sample, planned as training plans them."""
-    return image_tokens(family, processor, [str(p) for p in paths], [Image.open(p).size for p in paths])[0]
+def plans_for(family, processor, paths):
+    """The family's plan per image of one sample, as training plans them."""
+    if not paths:
+        return []
+    return plan_images(family, processor, [str(p) for p in paths], [Image.open(p).size for p in paths])
+
+
+def texts_for(family, processor, paths):
+    """The text each image of one sample becomes, as training plans it."""
+    return [p.text for p in plans_for(family, processor, paths)]
+
+
+def image_ids(tokenizer, family) -> set[int]:
+    """Ids of the tokens an image's sequence may consist of alone (the placeholder)."""
+    return {tokenizer.convert_tokens_to_ids(family.image_placeholder)}
 
 
 def end_token(family, tokenizer) -> str:
@@ -117,15 +129,15 @@ def test_ids_equal_the_processors_chat_template(family_name, case, processor_for
     formatter = Formatter(family, processor)
     text, ref = reference_ids(processor, c, paths)
     assert "".join(t for t, _ in formatter.segments(c)) == text
-    out = formatter(c, counts_for(family, processor, paths))
+    out = formatter(c, texts_for(family, processor, paths))
     tok = processor.tokenizer
     assert without_appended_eos(out.input_ids, ref, tok.eos_token_id) == (ref, appended(family, c))
     replies = [t.text for t in c.turns if t.role == "assistant"]
     end = end_token(family, tok)
     assert supervised_runs(tok, out.input_ids, out.labels) == [shown_reply(processor, r) + end for r in replies]
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(out.input_ids, out.labels, strict=True))
-    image_id = tok.convert_tokens_to_ids(family.image_token)
-    assert all(lab == IGNORE_INDEX for i, lab in zip(out.input_ids, out.labels, strict=True) if i == image_id)
+    assert len(out.media) == len(paths)
+    assert all(out.labels[i] == IGNORE_INDEX for a, b, _ in out.media for i in range(a, b))
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -133,7 +145,7 @@ def test_masking_strategies_select_their_turns(family_name, processor_for, image
     family, processor = families.get(family_name), processor_for(family_name)
     c = CASES["multi_image"](images)
     c.turns[2].train = True
-    counts = counts_for(family, processor, c.images)
+    counts = texts_for(family, processor, c.images)
     tok = processor.tokenizer
     end = end_token(family, tok)
 
@@ -149,9 +161,8 @@ def test_masking_strategies_select_their_turns(family_name, processor_for, image
     _, last = supervised(TrainOn.LAST_ASSISTANT)
     assert last == [run("Yellow.")]
     out, _ = supervised(TrainOn.ALL)
-    image_id = tok.convert_tokens_to_ids(family.image_token)
     everything = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
-    assert everything == [i for i in out.input_ids if i != image_id]
+    assert everything == [i for k, i in enumerate(out.input_ids) if k not in media_positions(out)]
     c.turns[2].train = False
     _, skipped = supervised(TrainOn.ASSISTANT)
     assert skipped == [run("Yellow.")]
@@ -174,7 +185,7 @@ def test_image_token_typed_in_text_is_an_error(processor_for, images):
     family, processor = families.get("qwen2_vl"), processor_for("qwen2_vl")
     c = conv(("user", images["red"], "what is <|image_pad|>?"), ("assistant", "x"))
     with pytest.raises(FormatError, match="image placeholders"):
-        Formatter(family, processor)(c, counts_for(family, processor, c.images))
+        Formatter(family, processor)(c, texts_for(family, processor, c.images))
 
 
 # --- property tests over generated conversations -------------------------------------------------------------
@@ -193,51 +204,52 @@ def conversations(draw):
     turns = []
     if draw(st.booleans()):
         turns.append(Turn("system", [Part("text", text=draw(text))]))
-    counts = []
+    sizes = []
     for _ in range(n_pairs):
         n_img = draw(st.integers(0, 3))
-        parts = [Part("image", image=f"img{len(counts) + k}.png") for k in range(n_img)]
-        counts += [draw(st.integers(1, 6)) for _ in range(n_img)]
+        parts = [Part("image", image=f"img{len(sizes) + k}.png") for k in range(n_img)]
+        sizes += [draw(st.sampled_from(IMAGE_SIZES)) for _ in range(n_img)]
         parts.insert(draw(st.integers(0, len(parts))), Part("text", text=draw(text)))
         turns.append(Turn("user", parts))
         reply = draw(text.filter(lambda s: s.strip()))
         turns.append(Turn("assistant", [Part("text", text=reply)], train=draw(st.booleans()) or _ == n_pairs - 1))
-    return Conversation(turns, source="gen:1"), counts, draw(st.sampled_from(list(TrainOn)))
+    return Conversation(turns, source="gen:1"), sizes, draw(st.sampled_from(list(TrainOn)))
 
 
-def expand(ids, image_id, counts):
-    out, k = [], 0
-    for i in ids:
-        if i == image_id:
-            out += [image_id] * counts[k]
-            k += 1
-        else:
-            out.append(i)
-    return out
+IMAGE_SIZES = [(56, 56), (40, 120), (120, 40), (64, 96)]  # (height, width)
+
+
+def media_positions(out) -> set[int]:
+    return {i for a, b, _ in out.media for i in range(a, b)}
+
+
+def expand(rendered: str, placeholder: str, texts: list[str]) -> str:
+    """The rendered template with each image placeholder replaced by its text, as the processors do."""
+    pieces = rendered.split(placeholder)
+    assert len(pieces) == len(texts) + 1
+    return "".join(p + t for p, t in zip(pieces, [*texts, ""], strict=True))
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=conversations())
 def test_generated_conversations_supervise_exactly_the_replies(family_name, processor_for, case):
-    c, counts, train_on = case
+    c, sizes, train_on = case
     family, processor = families.get(family_name), processor_for(family_name)
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(family.image_token)
-    if any(family.image_token in t.text for t in c.turns):  # typed image tokens are refused, never trained on
+    texts = [p.text for p in family.plan_images(processor, sizes)] if sizes else []
+    if any(family.image_placeholder in t.text for t in c.turns):  # typed image tokens are refused, never trained on
         with pytest.raises(FormatError, match="image placeholders"):
-            Formatter(family, processor, train_on)(c, counts)
+            Formatter(family, processor, train_on)(c, texts)
         return
-    if len(counts) > 1 and family.multi_image_tokens is not None:  # as prepare() plans them
-        counts = [family.multi_image_tokens(processor)] * len(counts)
-    out = Formatter(family, processor, train_on)(c, counts)
+    out = Formatter(family, processor, train_on)(c, texts)
     ids, labels = out.input_ids, out.labels
 
     # Same ids as the processor's tokenization of the rendered template (its BOS included), plus one EOS
     # per reply where the family appends it; equal whenever no reply starts or ends with whitespace (else
     # a reply may start on a token boundary the whole text does not have, as at generation time).
     rendered = processor.apply_chat_template(template_messages(c.turns), tokenize=False)
-    whole = expand(tok(rendered)["input_ids"], image_id, counts)
+    whole = tok(expand(rendered, family.image_placeholder, texts))["input_ids"]
     replies = [t for t in c.turns if t.role == "assistant"]
     eos = tok.eos_token_id
     assert ids.count(eos) - whole.count(eos) == appended(family, c)
@@ -245,12 +257,14 @@ def test_generated_conversations_supervise_exactly_the_replies(family_name, proc
         assert without_appended_eos(ids, whole, eos) == (whole, appended(family, c))
     assert tok.decode([i for i in ids if i != eos]) == tok.decode([i for i in whole if i != eos])
 
-    # no image token is ever a label; labels are either ignored or equal to the id
-    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels, strict=True) if i == image_id)
+    # no token of an image is ever a label; labels are either ignored or equal to the id
+    assert len(out.media) == len(sizes)
+    assert all(labels[i] == IGNORE_INDEX for i in media_positions(out))
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
     if train_on is TrainOn.ALL:
-        assert [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX] == [i for i in ids
-                                                                                          if i != image_id]
+        inside = media_positions(out)
+        assert [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX] == [
+            i for k, i in enumerate(ids) if k not in inside]
         return
     chosen = [r for r in replies if r.train]
     if train_on is TrainOn.LAST_ASSISTANT:
@@ -271,7 +285,7 @@ def test_conformance_with_real_qwen2_5_vl_files(case, real_qwen_processor, image
     family, processor = families.get("qwen2_5_vl"), real_qwen_processor
     c = CASES[case](images)
     text, ref = reference_ids(processor, c, c.images)
-    out = Formatter(family, processor)(c, counts_for(family, processor, c.images))
+    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
     assert out.input_ids == ref
     supervised = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
     replies = [t.text for t in c.turns if t.role == "assistant"]
@@ -280,8 +294,9 @@ def test_conformance_with_real_qwen2_5_vl_files(case, real_qwen_processor, image
 
 
 def test_real_qwen_448px_image_gives_256_tokens(real_qwen_processor):
-    n, grid = families.get("qwen2_5_vl").image_layout(real_qwen_processor, 448, 448)
-    assert (n, grid) == (256, (1, 32, 32))
+    (plan,) = families.get("qwen2_5_vl").plan_images(real_qwen_processor, [(448, 448)])
+    assert (plan.tokens, plan.grid) == (256, (1, 32, 32))
+    assert plan.text == "<|image_pad|>" * 256
 
 
 # --- positions ---------------------------------------------------------------------------------------------------
@@ -293,7 +308,6 @@ def test_mrope_positions_equal_the_models_own(family_name, model_dir, processor_
     family, processor = families.get(family_name), processor_for(family_name)
     model = AutoModelForImageTextToText.from_pretrained(model_dir(family_name))
     c = CASES["multi_image"](images)
-    _, _ = reference_ids(processor, c, c.images)
     text = processor.apply_chat_template(template_messages(c.turns), tokenize=False)
     batch = processor(text=[text], images=[Image.open(p).convert("RGB") for p in c.images], return_tensors="pt")
     expected, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],

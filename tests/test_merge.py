@@ -33,7 +33,7 @@ def train_tiny(family: str, quant: str, out: Path, **overrides) -> Path:
               "train.learning_rate": 2e-2, "train.logging_steps": 1, "train.save_steps": 1000,
               "train.gradient_checkpointing": False, "data.num_workers": 0, "lora.dropout": 0.0,
               "quantization.mode": quant, "quantization.compute_dtype": "float32"}
-    if getattr(families.get(family), "pixel_bounds", True):
+    if families.get(family).pixels is not None:
         fields["data.max_pixels"] = PIXELS
     fields.update(overrides)
     vlmtune.train(vlmtune.load_recipe(None, overrides=fields), log=lambda *_: None)
@@ -97,8 +97,9 @@ def test_merged_model_equals_base_plus_adapter(family, quant, trained_adapter, t
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left beside it
     processor = AutoProcessor.from_pretrained(out)
-    if getattr(families.get(family), "pixel_bounds", True):  # trained with a non-default bound (see train_tiny)
-        assert processor.image_processor.size["longest_edge"] == PIXELS
+    pixels = families.get(family).pixels
+    if pixels is not None:  # trained with a non-default bound (see train_tiny)
+        assert pixels.get(processor.image_processor)[1] == PIXELS
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     base_dir = builtin_model_path(BUILTIN_FOR[family])
     reference = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter).eval()

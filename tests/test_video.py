@@ -12,12 +12,12 @@ from PIL import Image
 
 from vlmtune import families, load_recipe
 from vlmtune.config import RecipeError
-from vlmtune.data.collator import VisionCollator
+from vlmtune.data.collator import collator_for
 from vlmtune.data.conversation import Conversation, Part, TrainOn, Turn
 from vlmtune.data.dataset import to_dataset
 from vlmtune.data.formats import RowProblem, read_rows
 from vlmtune.data.formatting import IGNORE_INDEX, FormatError, Formatter, template_messages
-from vlmtune.data.prepare import image_tokens, iter_rows, prepare, video_clips
+from vlmtune.data.prepare import iter_rows, plan_images, prepare, video_clips
 from vlmtune.data.video import (
     VideoClip,
     VideoProblem,
@@ -26,7 +26,6 @@ from vlmtune.data.video import (
     load_frames,
     loads,
     probe,
-    processor_kwargs,
     sample_indices,
 )
 from vlmtune.errors import VlmtuneError
@@ -71,7 +70,7 @@ def configured(processor, fps=2.0, max_frames=32, **bounds):
     """A copy of a (shared) processor with a recipe's video settings."""
     out = copy.copy(processor)
     out.video_processor = copy.deepcopy(processor.video_processor)
-    apply_video_settings(out, fps, max_frames, **bounds)
+    apply_video_settings(out, families.get("qwen2_vl").pixels, fps, max_frames, **bounds)
     return out
 
 
@@ -100,8 +99,8 @@ def cases(frames, images):
 
 
 def plan(family, processor, c):
-    counts, grids = image_tokens(family, processor, c.images, [Image.open(p).size for p in c.images])
-    return counts, grids, video_clips(family, processor, c.videos, {})
+    plans = plan_images(family, processor, c.images, [Image.open(p).size for p in c.images]) if c.images else []
+    return [p.text for p in plans], [p.grid for p in plans], video_clips(family, processor, c.videos, {})
 
 
 def processor_batch(processor, c, clips):
@@ -109,7 +108,12 @@ def processor_batch(processor, c, clips):
     text = processor.apply_chat_template(template_messages(c.turns), tokenize=False)
     imgs = [Image.open(p).convert("RGB") for p in c.images]
     return processor(text=[text], images=imgs or None, videos=[load_frames(clip) for clip in clips],
-                     return_tensors="pt", **processor_kwargs(processor))
+                     return_tensors="pt", **video_kwargs(processor))
+
+
+def video_kwargs(processor) -> dict:
+    """The video processor's keyword arguments as vlmtune passes them (frames already sampled)."""
+    return {"do_sample_frames": False, "cap_pixels_per_frame": bool(processor.video_processor.cap_pixels_per_frame)}
 
 
 # --- frame sampling ----------------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def test_planned_video_tokens_equal_the_video_processors(family_name, bounds, pr
     vp = processor.video_processor
     for n, (w, h) in ((1, (90, 60)), (2, (200, 30)), (5, (33, 100)), (6, (300, 300))):
         tokens, grid = family.video_layout(processor, n + n % 2, h, w)
-        made = vp(videos=[[Image.new("RGB", (w, h))] * n], return_tensors="pt", **processor_kwargs(processor))
+        made = vp(videos=[[Image.new("RGB", (w, h))] * n], return_tensors="pt", **video_kwargs(processor))
         assert made["video_grid_thw"].tolist() == [list(grid)], (n, w, h)
         assert tokens == math.prod(grid) // vp.merge_size**2 == made["pixel_values_videos"].shape[0] // 4
         if bounds.get("max_pixels") and w == h:  # (an extreme aspect keeps one 28 px patch per side)
@@ -211,7 +215,7 @@ def test_the_total_pixel_cap_of_the_processor_is_planned_too(processor_for):
     processor.video_processor.cap_pixels_per_frame, processor.video_processor.max_video_tokens = True, 40
     tokens, grid = family.video_layout(processor, 8, 300, 300)
     made = processor.video_processor(videos=[[Image.new("RGB", (300, 300))] * 8], return_tensors="pt",
-                                     **processor_kwargs(processor))
+                                     **video_kwargs(processor))
     assert made["video_grid_thw"].tolist() == [list(grid)] and grid[1] * grid[2] < 20 * 20
 
 
@@ -238,7 +242,7 @@ def test_ids_equal_the_processors_with_videos(family_name, case, processor_for, 
     family, processor = families.get(family_name), configured(processor_for(family_name))
     c = cases(frames, images)[case]
     counts, _, clips = plan(family, processor, c)
-    out = Formatter(family, processor)(c, counts, [clip.tokens for clip in clips])
+    out = Formatter(family, processor)(c, counts, [family.video_sequence(processor, clip) for clip in clips])
     ref = processor_batch(processor, c, clips)
     assert out.input_ids == ref["input_ids"][0].tolist()
     assert [list(clip.grid) for clip in clips] == ref["video_grid_thw"].tolist()
@@ -253,7 +257,7 @@ def test_video_tokens_are_never_labels(family_name, train_on, processor_for, fra
     family, processor = families.get(family_name), configured(processor_for(family_name))
     c = cases(frames, images)["mixed"]
     counts, _, clips = plan(family, processor, c)
-    out = Formatter(family, processor, train_on)(c, counts, [clip.tokens for clip in clips])
+    out = Formatter(family, processor, train_on)(c, counts, [family.video_sequence(processor, clip) for clip in clips])
     tok = processor.tokenizer
     vision = {tok.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|image_pad|>")}
     assert out.input_ids.count(tok.convert_tokens_to_ids("<|video_pad|>")) == sum(clip.tokens for clip in clips)
@@ -311,8 +315,8 @@ def test_positions_equal_the_models_own(family_name, fps, processor_for, model_f
 def _example(family, processor, c, counts, clips):
     from vlmtune.data.prepare import Example
 
-    out = Formatter(family, processor)(c, counts, [clip.tokens for clip in clips])
-    grids = image_tokens(family, processor, c.images, [Image.open(p).size for p in c.images])[1]
+    out = Formatter(family, processor)(c, counts, [family.video_sequence(processor, clip) for clip in clips])
+    grids = plan(family, processor, c)[1]
     return Example(out.input_ids, out.labels, c.images, grids, c.source, videos=clips)
 
 
@@ -345,7 +349,7 @@ def test_video_rows_train(family_name, tmp_path, frames, images, clip_file, proc
     prepared = prepare(data, "messages", None, Formatter(family, processor), family, 2048)
     assert not prepared.problems and prepared.num_videos == 2 and "2 videos" in prepared.summary()
     ds = to_dataset(prepared.examples, family, processor, model.config)
-    batch = VisionCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    batch = collator_for(family, processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     assert batch["video_grid_thw"].tolist() == [list(e.videos[0].grid) for e in prepared.examples if e.videos]
     video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert int((batch["input_ids"] == video_id).sum()) == batch["pixel_values_videos"].shape[0] // 4
@@ -380,7 +384,12 @@ def test_video_recipe_fields_are_validated(tmp_path):
         load_recipe(None, overrides={**base, "data.video_fps": 0, "data.video_max_frames": 1,
                                      "data.video_min_pixels": 100, "data.video_max_pixels": 50000})
     paths = [err.path for err in e.value.errors]
-    assert paths == ["data.video_fps", "data.video_max_frames", "data.video_min_pixels"]
+    assert paths == ["data.video_fps", "data.video_max_frames"]
+    from vlmtune.modeling import check_runtime
+
+    small = load_recipe(None, overrides={**base, "data.video_min_pixels": 100})  # below one 28x28 patch
+    (err,) = check_runtime(small, families.get("qwen2_vl"))
+    assert err.path == "data.video_min_pixels" and "28x28" in err.message
     with pytest.raises(RecipeError, match="data.video_min_pixels: must not exceed"):
         load_recipe(None, overrides={**base, "data.video_min_pixels": 9000, "data.video_max_pixels": 5000})
 
@@ -392,7 +401,7 @@ def test_recipe_video_settings_reach_the_processor(tmp_path):
     recipe = load_recipe(None, overrides={"model.name_or_path": "builtin:tiny-qwen2.5-vl", "data.train": str(train),
                                           "data.video_fps": 1.5, "data.video_max_frames": 8,
                                           "data.video_max_pixels": 28 * 28 * 8})
-    vp = load_processor(recipe).video_processor
+    vp = load_processor(recipe, families.get("qwen2_5_vl")).video_processor
     assert (vp.fps, vp.max_frames, vp.size["longest_edge"]) == (1.5, 8, 28 * 28 * 8)
     assert check_runtime(recipe, families.get("qwen2_5_vl")) == []
     assert [e.path for e in check_runtime(recipe, families.get("llava"))] == ["data.video_max_pixels"]

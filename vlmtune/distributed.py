@@ -260,18 +260,8 @@ def check_distributed(recipe: Recipe, model_config, family) -> list[FieldError]:
 
 # ------------------------------------------------------------------ ZeRO-3: the vision tower in step
 def dummy_vision_inputs(family, processor) -> dict[str, torch.Tensor]:
-    """Vision inputs for one tiny blank image, as the model's own image processor makes them.
-
-    A family may supply its own builder as `extra["dummy_vision_inputs"](processor) -> dict`.
-    """
-    build = family.extra.get("dummy_vision_inputs")
-    if build is not None:
-        return dict(build(processor))
-    from PIL import Image
-
-    image = Image.new("RGB", (32, 32), (0, 0, 0))
-    out = processor.image_processor(images=[[image]], return_tensors="pt")
-    return {k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)}
+    """Vision inputs for one small blank image, as the family makes them (`Family.dummy_vision_inputs`)."""
+    return dict(family.dummy_vision_inputs(family, processor))
 
 
 def _float_sum(obj) -> torch.Tensor | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Recipe
+from .data.conversation import Conversation, Part, Turn
 from .data.formats import reader_options
 from .data.formatting import IGNORE_INDEX
 from .data.prepare import iter_rows
@@ -25,6 +26,7 @@ class SampleView:
     num_image_tokens: int
     dropped: bool
     problem: str | None
+    media: list = field(default_factory=list)  # (first token, end token, kind) per image / video
 
     def to_json(self) -> dict:
         return {"index": self.index, "input_ids": self.input_ids, "labels": self.labels,
@@ -42,25 +44,24 @@ class Inspection:
 
     samples: list[SampleView]
     tokenizer: object
-    image_token_id: int
-    video_token_id: int | None
     notes: list[str]
 
     def runs(self, s: SampleView):
-        """(kind, text) pieces: kind is 'image', 'train' or 'prompt'."""
-        def kind(pair):
-            tok, lab = pair
-            if tok == self.image_token_id:
-                return "image"
-            if tok == self.video_token_id:
-                return "video"
-            return "train" if lab != IGNORE_INDEX else "prompt"
+        """(kind, text) pieces: kind is 'image' (an image's or video's whole token sequence), 'train' or 'prompt'."""
+        media = {}
+        for a, b, k in s.media:
+            media.update({i: (k, a) for i in range(a, b)})
+
+        def kind(i):
+            if i in media:
+                return media[i]
+            return "train" if s.labels[i] != IGNORE_INDEX else "prompt"
 
         start = 0
-        for k, group in itertools.groupby(zip(s.input_ids, s.labels, strict=True), key=kind):
+        for k, group in itertools.groupby(range(len(s.input_ids)), key=kind):
             n = sum(1 for _ in group)
-            if k in ("image", "video"):
-                yield "image", f"<{k} ×{n}>"
+            if isinstance(k, tuple):
+                yield "image", f"<{k[0]} ×{n}>"
             else:
                 yield k, self._text_of(s.input_ids, start, start + n)
             start += n
@@ -113,7 +114,6 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
     if not path:
         raise VlmtuneError(f"data.{split} is not set")
     samples = []
-    image_id = formatter.image_token_id
     rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
                      read_options=reader_options(d), max_image_pixels=d.max_image_pixels)
     for r in rows:
@@ -123,14 +123,18 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
         problem = str(r.problem.message) if r.problem is not None else None
         source = ex.source if ex else f"{r.problem.file}:{r.problem.row}"
         samples.append(SampleView(r.row, source, ex.input_ids if ex else [], ex.labels if ex else [],
-                                  ex.input_ids.count(image_id) if ex else 0, r.dropped, problem))
+                                  ex.media_tokens("image") if ex else 0, r.dropped, problem, ex.media if ex else []))
         if len(samples) >= (1 if index is not None else num):
             break
     if index is not None and not samples:
         raise VlmtuneError(f"--index {index}: {path} has no such row (it has fewer rows; rows count from 0)")
     notes = []
-    if family.append_eos_after_reply:
+    if family.append_eos_after_reply and formatter.appends_eos(_PROBE):
         eos = formatter.tokenizer.eos_token
-        notes.append(f"where the {family.name} chat template ends a reply without an end-of-sequence token, "
+        notes.append(f"the {family.name} chat template ends a reply without an end-of-sequence token, so "
                      f"vlmtune appends {eos} to the supervised reply so the model learns to stop")
-    return Inspection(samples, formatter.tokenizer, image_id, formatter.video_token_id, notes)
+    return Inspection(samples, formatter.tokenizer, notes)
+
+
+_PROBE = Conversation([Turn("user", [Part("text", text="Hi")]), Turn("assistant", [Part("text", text="Hello")])],
+                      source="probe")

@@ -59,7 +59,7 @@ def merge_adapter(adapter_dir, out, base: str | None = None, dtype: str | None =
     config, family = _base_config(base_dir, base_ref, meta)
     tensors = read_checkpoint_index(base_dir)
     adapter = read_adapter(adapter_dir)
-    layout = base_layout(config, tensors)
+    layout = base_layout(config, tensors, family.load_class())
     edits = plan_edits(adapter, layout)
     outputs, untied = _outputs(tensors, layout, edits, out_dtype)
     total = sum(nbytes(d, s) for _, d, s, _ in outputs)

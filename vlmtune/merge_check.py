@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data.collator import VisionCollator
+from .data.collator import collator_for
 from .data.conversation import Conversation, Part, Turn
 from .data.dataset import to_dataset
 from .data.images import image_size
@@ -81,7 +81,7 @@ def probe_batches(loaded, folder: Path) -> list[dict]:
 
     fmt, family, processor = loaded.formatter, loaded.family, loaded.processor
     tok = fmt.tokenizer
-    collate = VisionCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    collate = collator_for(family, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     examples = []
     for k, (size, objects, question, answer) in enumerate(_PROBES):
         path = folder / f"probe{k}.png"

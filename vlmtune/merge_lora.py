@@ -210,12 +210,11 @@ class BaseLayout:
         return self._stored.get(model_name)
 
 
-def base_layout(config, tensors: list[TensorInfo]) -> BaseLayout:
-    """Build the model on the meta device (no memory) and map stored names with transformers' own renamings."""
-    from transformers import AutoModelForImageTextToText
-
+def base_layout(config, tensors: list[TensorInfo], model_class) -> BaseLayout:
+    """Build the model (of `model_class`) on the meta device (no memory) and map stored names with transformers'
+    own renamings."""
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+        model = model_class._from_config(config)
     state = model.state_dict()
     rename, fused = _renamer(model, state)
     to_model = {t.name: rename(t.name) for t in tensors}

@@ -110,12 +110,19 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
         errs.append(FieldError("model.attn_implementation", f"{family.description} does not support flash_attention_2 "
                                f"(transformers' {family.model_class}); use sdpa (or auto)"))
     for key in ("video_min_pixels", "video_max_pixels"):
-        if getattr(recipe.data, key) and family.video_layout is None:
+        if getattr(recipe.data, key) and not family.takes_video():
             errs.append(FieldError(f"data.{key}", f"{family.description} does not take video; remove it"))
-    for key in ("min_pixels", "max_pixels"):
-        if getattr(recipe.data, key) and not family.pixel_bounds:
-            errs.append(FieldError(f"data.{key}", f"{family.description} does not size images by pixel count "
-                                   "(fixed resolution or anyres tiles); remove it"))
+    for key in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
+        value = getattr(recipe.data, key)
+        if not value or (key.startswith("video") and not family.takes_video()):
+            continue
+        if family.pixels is None:
+            errs.append(FieldError(f"data.{key}", f"{family.description} does not size images by pixel count; "
+                                   f"its images are sized by {family.size_knob or 'its image processor'}; remove it"))
+        elif value < family.pixels.factor**2:
+            f = family.pixels.factor
+            errs.append(FieldError(f"data.{key}", f"{family.description} resizes images to multiples of {f}x{f} "
+                                   f"pixels, so a bound below {f * f} ({f}x{f}) cannot hold; got {value}"))
     if m.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         errs.append(FieldError("model.dtype", f"this GPU ({torch.cuda.get_device_name()}) does not support "
                                "bfloat16; use float32 (or auto)"))
@@ -157,7 +164,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def load_processor(recipe: Recipe):
+def load_processor(recipe: Recipe, family: Family):
     """The model's processor, with the recipe's pixel bounds set on its image processor and its video settings
     (fps, frame cap, per-frame pixel bounds) on its video processor."""
     from transformers import AutoProcessor
@@ -165,19 +172,22 @@ def load_processor(recipe: Recipe):
     m, d = recipe.model, recipe.data
     processor = AutoProcessor.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
                                               trust_remote_code=m.trust_remote_code)
-    from .data.pixels import set_bounds
     from .data.video import apply_video_settings
 
-    set_bounds(processor.image_processor, d.min_pixels, d.max_pixels)
-
-    apply_video_settings(processor, d.video_fps, d.video_max_frames, d.video_min_pixels, d.video_max_pixels)
+    if family.pixels is not None:
+        family.pixels.set(processor.image_processor, d.min_pixels, d.max_pixels)
+    if family.takes_video():
+        apply_video_settings(processor, family.pixels, d.video_fps, d.video_max_frames, d.video_min_pixels,
+                             d.video_max_pixels)
     return processor
 
 
-def pixel_bounds(processor) -> dict:
-    from .data.pixels import bounds_of
-
-    return bounds_of(processor.image_processor)
+def pixel_bounds(processor, family: Family) -> dict | None:
+    """The image processor's pixel bounds as vlmtune.json records them (None: the family has none)."""
+    if family.pixels is None:
+        return None
+    low, high = family.pixels.get(processor.image_processor)
+    return {"min_pixels": low, "max_pixels": high}
 
 
 def quantization_config(recipe: Recipe, family: Family):
@@ -205,8 +215,6 @@ def quantization_config(recipe: Recipe, family: Family):
 
 
 def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
-    from transformers import AutoModelForImageTextToText
-
     m = recipe.model
     kwargs = dict(dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, revision=m.revision,
                   trust_remote_code=m.trust_remote_code)
@@ -219,7 +227,7 @@ def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
             local = int(os.environ.get("LOCAL_RANK", "-1"))
             device = (local if local >= 0 else torch.cuda.current_device()) if runtime.device == "cuda" else "cpu"
             kwargs["device_map"] = {"": device}
-    model = AutoModelForImageTextToText.from_pretrained(resolve_model_path(m.name_or_path), **kwargs)
+    model = family.load_class().from_pretrained(resolve_model_path(m.name_or_path), **kwargs)
     if quant is not None and runtime.device == "cpu":
         _disable_cpu_4bit_repacking(model)
     return model

@@ -59,7 +59,7 @@ class Loaded:
 def load_for_inference(path, base: str | None = None, dtype: torch.dtype | None = None,
                        device: str | None = None) -> Loaded:
     """A merged/plain model folder, or an adapter folder (detected by adapter_config.json) on its base."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from .modeling import resolve_model_path
 
@@ -89,7 +89,7 @@ def load_for_inference(path, base: str | None = None, dtype: torch.dtype | None 
         raise VlmtuneError(f"cannot read the model config in {model_dir}: {e}") from None
     family = model_family(config, base_ref, meta)
     with quiet_loading():
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+        model = family.load_class().from_pretrained(model_dir, dtype=dtype)
         if is_adapter:
             from peft import PeftModel
 
@@ -264,9 +264,10 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
     tok = loaded.formatter.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dataset = to_dataset(examples, loaded.family, loaded.processor)
-    batch = VisionCollator(pad)([dataset[i] for i in range(len(examples))])
+    fam = loaded.family
+    batch = VisionCollator(pad, concat_keys=fam.concat_keys)([dataset[i] for i in range(len(examples))])
     batch.pop("labels")
-    batch.pop("position_ids", None)  # generate() derives positions from the attention mask (and the family's generation inputs)
+    batch.pop("position_ids", None)  # generate() derives positions from the attention mask and the token inputs
     ids, mask = batch["input_ids"], batch["attention_mask"]
     left_ids, left_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
     for i in range(len(examples)):
@@ -274,8 +275,10 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
         left_ids[i, ids.shape[1] - n:] = ids[i, :n]
         left_mask[i, ids.shape[1] - n:] = 1
     batch["input_ids"], batch["attention_mask"] = left_ids, left_mask
-    if loaded.family.generation_inputs is not None:
-        batch.update(loaded.family.generation_inputs(loaded.processor, left_ids))
+    if fam.token_inputs is not None:  # per-token inputs, for the left-padded ids
+        rows = [fam.token_inputs(loaded.processor, row) for row in left_ids.tolist()]
+        for key in rows[0] if rows else ():
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
     return batch
 
 
@@ -286,7 +289,8 @@ def generate(loaded: Loaded, examples: list[Example], max_new_tokens: int = 64, 
     batch = model_inputs(loaded, examples)
     device, dtype = loaded.device, loaded.model.dtype
     inputs = {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
-    stop = [tok.convert_tokens_to_ids(t) for t in loaded.family.end_of_turn]
+    vocab = tok.get_vocab()
+    stop = [vocab[t] for t in loaded.family.end_of_turn if t in vocab]
     eos = loaded.model.generation_config.eos_token_id
     stop += [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None and e not in stop]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

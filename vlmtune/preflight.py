@@ -38,7 +38,7 @@ def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
         errors.extend(check_distributed(recipe, model_config, family))
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
-    processor = load_processor(recipe)
+    processor = load_processor(recipe, family)
     return model_config, family, Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .config import Recipe, dump
-from .data.collator import VisionCollator
+from .data.collator import collator_for
 from .data.dataset import to_dataset
 from .errors import VlmtuneError
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
@@ -117,7 +117,7 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     tokenizer = plan.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
-    collator = VisionCollator(pad_id, pad_to_multiple_of=8 if plan.runtime.device == "cuda" else None)
+    collator = collator_for(plan.family, pad_id, pad_to_multiple_of=8 if plan.runtime.device == "cuda" else None)
     # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
     train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
     eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
@@ -166,7 +166,7 @@ def metadata(plan: Plan) -> dict:
         "base_model": r.model.name_or_path,
         "quantization": r.quantization.mode,
         "dtype": str(plan.runtime.dtype).removeprefix("torch."),
-        "pixel_bounds": pixel_bounds(plan.processor) if plan.family.pixel_bounds else None,
+        "pixel_bounds": pixel_bounds(plan.processor, plan.family),
         "train_on": r.data.train_on,
         "data": {"format": r.data.format, "columns": dict(getattr(r.data, "columns", {}) or {}),
                  "caption_prompt": getattr(r.data, "caption_prompt", None)},

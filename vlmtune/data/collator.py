@@ -1,8 +1,10 @@
-"""Batches examples: right padding, vision tensors concatenated along dim 0. Knows no family.
+"""Batches examples: right padding, vision tensors concatenated along dim 0. Knows no family: the family says
+which processor outputs are concatenated (`concat_keys`) and which are per-token (`token_keys`, padded like
+the ids with 0).
 
-Anyres processors (LLaVA-NeXT, LLaVA-OneVision) give each image a different number of tiles
-(pixel_values of shape (images, tiles, 3, H, W)): the tile dimension is zero-padded to the batch
-maximum; the model reads each image's tile count from `image_sizes` and ignores the padding.
+Processors that tile (anyres, image splitting) give each image a different number of tiles: every
+dimension but the first is zero-padded to the batch maximum; the models read each image's real tile
+count from their own size outputs and ignore the padding.
 
 Rows the dataset marked `bad_sample` (media that failed to load) are dropped and listed under
 `bad_samples` for the trainer to count. A batch whose every row failed becomes one padding token with no
@@ -17,14 +19,14 @@ import torch
 
 from .formatting import IGNORE_INDEX
 
-CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
-               "batch_num_images")
-
 
 class VisionCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
+                 concat_keys: tuple[str, ...] = ("pixel_values",), token_keys: tuple[str, ...] = ()):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.concat_keys = concat_keys
+        self.token_keys = token_keys
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         bad = [f["bad_sample"] for f in features if f.get("bad_sample")]
@@ -51,10 +53,17 @@ class VisionCollator:
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         if has_positions:
             batch["position_ids"] = position_ids
-        for key in CONCAT_KEYS:
+        for key in self.concat_keys:
             parts = [f[key] for f in features if f.get(key) is not None]
             if parts:
                 batch[key] = concat_padded(parts)
+        for key in self.token_keys:
+            if any(f.get(key) is not None for f in features):
+                values = torch.zeros((n, length), dtype=torch.long)
+                for i, f in enumerate(features):
+                    if f.get(key) is not None:
+                        values[i, :len(f[key])] = f[key]
+                batch[key] = values
         if bad:
             batch["bad_samples"] = bad
         return batch
@@ -75,3 +84,8 @@ def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
             p = grown
         padded.append(p)
     return torch.cat(padded, dim=0)
+
+
+def collator_for(family, pad_token_id: int, pad_to_multiple_of: int | None = None) -> VisionCollator:
+    """The collator for one family's examples (its concatenated and per-token keys)."""
+    return VisionCollator(pad_token_id, pad_to_multiple_of, family.concat_keys, family.token_keys)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import VlmtuneError
 from ..families import Family
-from . import pixels, video
+from . import video
 from .images import ImageProblem, load_rgb
 from .prepare import Example
 
@@ -86,13 +86,11 @@ class VisionTransform:
         input_ids = torch.tensor(ids, dtype=torch.long)
         row = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long)}
         if images:
-            # one sample's images as one nested list, as the processor groups them (LLaVA-OneVision
-            # processes the images of a multi-image sample differently from a lone image)
-            vision = dict(self.processor.image_processor(images=[[_load(p, source) for p in images]],
-                                                         return_tensors="pt", **self._bounds(max_pixels)))
-            made = vision.get(self.family.grid_key) if self.family.grid_key else None
-            if made is not None and made.tolist() != [list(g) for g in grids]:
-                raise BadSample(source, f"the image processor made grids {made.tolist()} but {grids} were planned; "
+            vision = self.family.image_inputs(self.processor, [_load(p, source) for p in images],
+                                              self._bounds(max_pixels))
+            made = self.family.made_grids(vision) if self.family.made_grids else None
+            if made is not None and made != [list(g) for g in grids]:
+                raise BadSample(source, f"the image processor made grids {made} but {grids} were planned; "
                                         "did an image file change after the data was prepared?")
             row.update(vision)
         clips = video.loads(videos)
@@ -101,6 +99,9 @@ class VisionTransform:
         if self.family.position_ids is not None:
             extra = {"videos": [(c.grid, self._time_step(c)) for c in clips]} if clips else {}
             row["position_ids"] = self.family.position_ids(input_ids, grids, self.processor, **extra)
+        if self.family.token_inputs is not None:
+            for key, values in self.family.token_inputs(self.processor, ids).items():
+                row[key] = torch.tensor(values, dtype=torch.long)
         return row
 
     def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
@@ -109,11 +110,13 @@ class VisionTransform:
             frames = [video.load_frames(c) for c in clips]
         except ImageProblem as e:  # VideoProblem: a file that reads its header but not its frames
             raise BadSample(source, str(e)) from None
-        made = dict(self.processor.video_processor(videos=frames, return_tensors="pt",
-                                                   **video.processor_kwargs(self.processor)))
-        grids = made.get(self.family.video_grid_key)
-        if grids is not None and grids.tolist() != [list(c.grid) for c in clips]:
-            raise BadSample(source, f"the video processor made grids {grids.tolist()} but "
+        if self.family.video_inputs is not None:
+            made = self.family.video_inputs(self.processor, frames, clips)
+        else:
+            made = dict(self.processor.video_processor(videos=frames, return_tensors="pt"))
+        grids = self.family.made_video_grids(made) if self.family.made_video_grids else None
+        if grids is not None and grids != [list(c.grid) for c in clips]:
+            raise BadSample(source, f"the video processor made grids {grids} but "
                                     f"{[list(c.grid) for c in clips]} were planned; did a video file change after "
                                     "the data was prepared?")
         return made
@@ -124,4 +127,6 @@ class VisionTransform:
 
     def _bounds(self, max_pixels: int | None) -> dict:
         """A sample shrunk to fit max_length is processed under its own, lower pixel bound."""
-        return pixels.call_kwargs(self.processor.image_processor, max_pixels)
+        if max_pixels is None or self.family.pixels is None:
+            return {}
+        return self.family.pixels.call_kwargs(self.processor.image_processor, max_pixels)

@@ -7,12 +7,19 @@ once, exactly as the processor tokenizes it, and each token takes the label of i
 reply starts on a token boundary as it does when the model generates after the generation prompt.
 Where a token would straddle two differently labelled pieces, each piece is tokenized on its own.
 An EOS the family appends after a reply is inserted as a token, never as text.
+
+Images and videos: the template writes one placeholder per image; each is replaced by the text its family
+planned for it (a run of pads, `<start_of_image>` + soft tokens + `<end_of_image>`, tiles with row and
+column markers), as the processor replaces it, before the text is tokenized; tokens of that text are never
+labels, under every masking strategy.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from ..families import Family
 from .conversation import Conversation, TrainOn, Turn
@@ -28,6 +35,8 @@ class FormatError(ValueError):
 class Formatted:
     input_ids: list[int]
     labels: list[int]
+    # (first token, end token, "image" | "video") of each image and video's token sequence, in order
+    media: list[tuple[int, int, str]] = field(default_factory=list)
 
     @property
     def num_supervised(self) -> int:
@@ -77,11 +86,14 @@ class Formatter:
         self.train_on = TrainOn(train_on)
         self.system_prompt = system_prompt
         vocab = self.tokenizer.get_vocab()
-        if family.image_token not in vocab:
-            raise FormatError(f"the tokenizer has no image token {family.image_token!r} (family {family.name})")
-        self.image_token_id = vocab[family.image_token]
-        self.video_token_id = vocab.get(family.video_token) if family.video_token else None
-        self.end_of_turn = "".join(family.end_of_turn)
+        if family.image_placeholder not in vocab:
+            raise FormatError(f"the tokenizer has no image token {family.image_placeholder!r} (family {family.name})")
+        self.placeholders = {family.image_placeholder: "image"}
+        if family.video_placeholder and family.video_placeholder in vocab:
+            self.placeholders[family.video_placeholder] = "video"
+        self._placeholder_re = re.compile("|".join(re.escape(p) for p in sorted(self.placeholders, key=len,
+                                                                                  reverse=True)))
+        self.end_of_turn = family.end_of_turn  # alternatives: the first the template puts after a reply
         self.eos_token = self.tokenizer.eos_token or ""
         if family.append_eos_after_reply and self.tokenizer.eos_token_id is None:
             raise FormatError(f"family {family.name} appends the tokenizer's EOS after each reply, "
@@ -132,7 +144,7 @@ class Formatter:
             train = i in selected
             # The template's own end token right after the reply is supervised; failing that, the family
             # may have the tokenizer's EOS appended (LLaVA-1.5's template ends a reply with a space only).
-            end = next((e for e in (self.end_of_turn, self.eos_token) if e and tail.startswith(e)), "")
+            end = next((e for e in (*self.end_of_turn, self.eos_token) if e and tail.startswith(e)), "")
             pieces.append(Piece(prompt[len(done):], False))
             pieces.append(Piece(reply, train, eos_after=not end and self.family.append_eos_after_reply))
             pieces.append(Piece(end, train))
@@ -176,36 +188,90 @@ class Formatter:
         raise FormatError(f"{source}: message {index}: the chat template changes the assistant reply, "
                           "so its tokens cannot be found")
 
-    def __call__(self, conv: Conversation, image_token_counts: list[int],
-                 video_token_counts: list[int] = ()) -> Formatted:
-        """Token ids and labels; each image (video) placeholder expanded to its number of image (video) tokens."""
-        if conv.videos and self.video_token_id is None:
+    def appends_eos(self, conv: Conversation) -> bool:
+        """Whether the formatter inserts the tokenizer's EOS after a reply of this conversation (the template
+        ends the reply with no end token of its own)."""
+        return any(p.eos_after for p in self.pieces(conv))
+
+    def __call__(self, conv: Conversation, image_texts: Sequence[str] = (),
+                 video_texts: Sequence[str] = ()) -> Formatted:
+        """Token ids and labels; each image (video) placeholder replaced by its planned text (see the module doc)."""
+        if conv.videos and "video" not in self.placeholders.values():
             raise FormatError(f"{conv.source}: this model family ({self.family.name}) does not take video")
-        pieces = self.pieces(conv)
+        pieces, media = self._expand_media(self.pieces(conv), list(image_texts), list(video_texts), conv.source)
         per_piece = self._tokenize_whole(pieces)
         if per_piece is None:
-            per_piece = [self._tokenize_piece(p.text, first=k == 0) for k, p in enumerate(pieces)]
+            per_piece, start = [], 0
+            for k, p in enumerate(pieces):
+                per_piece.append([(i, a + start, b + start) for i, a, b in self._tokenize_piece(p.text, k == 0)])
+                start += len(p.text)
         every = self.train_on is TrainOn.ALL
         prefix, suffix = self.affixes
         bos = self.tokenizer.bos_token
         if prefix and bos and pieces and pieces[0].text.startswith(bos):
             prefix = []  # the template writes BOS itself; the processor then adds none either
         ids, labels = list(prefix), list(prefix) if every else [IGNORE_INDEX] * len(prefix)
-        for piece, piece_ids in zip(pieces, per_piece, strict=True):
-            piece_ids = piece_ids + ([self.tokenizer.eos_token_id] if piece.eos_after else [])
-            ids.extend(piece_ids)
-            labels.extend(piece_ids if piece.supervised else [IGNORE_INDEX] * len(piece_ids))
+        spans = iter(media)
+        span = next(spans, None)
+        runs: list[list] = []  # [first token, end token, kind] per media span
+        for piece, piece_tokens in zip(pieces, per_piece, strict=True):
+            for tok, start, end in piece_tokens:
+                while span is not None and span[1] <= start:
+                    span = next(spans, None)
+                in_media = span is not None and start < span[1] and end > span[0]
+                if in_media:
+                    if runs and runs[-1][3] is span:
+                        runs[-1][1] = len(ids) + 1
+                    else:
+                        runs.append([len(ids), len(ids) + 1, span[2], span])
+                ids.append(tok)
+                labels.append(tok if piece.supervised and not in_media else IGNORE_INDEX)
+            if piece.eos_after:
+                ids.append(self.tokenizer.eos_token_id)
+                labels.append(self.tokenizer.eos_token_id if piece.supervised else IGNORE_INDEX)
         ids.extend(suffix)
         labels.extend(suffix if every else [IGNORE_INDEX] * len(suffix))
-        return self._expand_images(ids, labels, list(image_token_counts), conv.source, list(video_token_counts))
+        return Formatted(ids, labels, [(a, b, kind) for a, b, kind, _ in runs])
 
-    def _tokenize_whole(self, pieces: list[Piece]) -> list[list[int]] | None:
-        """Each piece's ids from one tokenization of the whole text; None if a token straddles a label change."""
+    def _expand_media(self, pieces: list[Piece], image_texts: list[str], video_texts: list[str],
+                      source: str) -> tuple[list[Piece], list[tuple[int, int, str]]]:
+        """Pieces with each placeholder replaced by its text, and the (start, end, kind) character span of every
+        replacement in the joined text."""
+        texts = {"image": image_texts, "video": video_texts}
+        for kind, given in texts.items():
+            found = sum(1 for p in pieces for m in self._placeholder_re.finditer(p.text)
+                        if self.placeholders[m.group()] == kind)
+            if found != len(given):
+                raise FormatError(f"{source}: {found} {kind} placeholders in the formatted text but {len(given)} "
+                                  f"{kind}s (does a message's text contain the {kind} token itself?)")
+        if not image_texts and not video_texts:
+            return pieces, []
+        queues = {kind: iter(given) for kind, given in texts.items()}
+        out, spans, offset = [], [], 0
+        for piece in pieces:
+            text, at = [], 0
+            for m in self._placeholder_re.finditer(piece.text):
+                text.append(piece.text[at:m.start()])
+                start = offset + sum(len(t) for t in text)
+                kind = self.placeholders[m.group()]
+                replacement = next(queues[kind])
+                text.append(replacement)
+                spans.append((start, start + len(replacement), kind))
+                at = m.end()
+            text.append(piece.text[at:])
+            expanded = "".join(text)
+            out.append(replace(piece, text=expanded))
+            offset += len(expanded)
+        return out, spans
+
+    def _tokenize_whole(self, pieces: list[Piece]) -> list[list[tuple[int, int, int]]] | None:
+        """Each piece's (id, start, end) from one tokenization of the whole text; None if a token straddles a
+        label change."""
         enc = self.tokenizer("".join(p.text for p in pieces), add_special_tokens=False, return_offsets_mapping=True)
         ends = list(itertools.accumulate(len(p.text) for p in pieces))
         # a boundary matters where the label changes or an EOS goes in
         hard = [a.eos_after or a.supervised != b.supervised for a, b in itertools.pairwise(pieces)]
-        out: list[list[int]] = [[] for _ in pieces]
+        out: list[list[tuple[int, int, int]]] = [[] for _ in pieces]
         k = 0
         for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             while k < len(pieces) - 1 and start >= ends[k]:
@@ -215,40 +281,19 @@ class Formatter:
                 j += 1
             if any(hard[k:j]):
                 return None
-            out[k].append(tok)
+            out[k].append((tok, start, end))
         return out
 
-    def _tokenize_piece(self, text: str, first: bool) -> list[int]:
-        """One piece's ids as a continuation of the text before it (no prefix space a text start gets)."""
+    def _tokenize_piece(self, text: str, first: bool) -> list[tuple[int, int, int]]:
+        """One piece's (id, start, end) as a continuation of the text before it (no prefix space a text start gets)."""
         if first or not text:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return [(i, a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
         enc = self.tokenizer(_ANCHOR + text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         cut = next((i for i, (start, _) in enumerate(offsets) if start >= len(_ANCHOR)), len(ids))
         if all(end <= len(_ANCHOR) for _, end in offsets[:cut]):
-            return ids[cut:]
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _expand_images(self, ids, labels, counts, source, video_counts=()) -> Formatted:
-        """Each placeholder -> its run of tokens, never labels (under every masking strategy)."""
-        runs = {self.image_token_id: ("image", iter(counts), len(counts))}
-        if self.video_token_id is not None:
-            runs[self.video_token_id] = ("video", iter(video_counts), len(video_counts))
-        for tok, (kind, _, expected) in runs.items():
-            found = ids.count(tok)
-            if found != expected:
-                raise FormatError(f"{source}: {found} {kind} placeholders in the formatted text but {expected} "
-                                  f"{kind}s (does a message's text contain the {kind} token itself?)")
-        if not counts and not video_counts:
-            return Formatted(ids, labels)
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        for tok, lab in zip(ids, labels, strict=True):
-            if tok in runs:
-                n = next(runs[tok][1])
-                out_ids.extend([tok] * n)
-                out_labels.extend([IGNORE_INDEX] * n)
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
-        return Formatted(out_ids, out_labels)
+            n = len(_ANCHOR)
+            return [(i, max(a - n, 0), max(b - n, 0)) for i, (a, b) in zip(ids[cut:], offsets[cut:], strict=True)]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(i, a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]

@@ -14,12 +14,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import families
-from ..families import Family
+from ..families import Family, ImagePlan
 from .conversation import Conversation
 from .formats import RowProblem, read_rows
 from .formatting import IGNORE_INDEX, FormatError, Formatter
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, image_size, load_rgb
-from .pixels import bounds_of, set_bounds
 from .video import VideoClip, VideoInfo, describe, frame_settings, probe, sample_indices, sampled_fps
 
 OVERLONG_POLICIES = ("drop", "error", "shrink_images")
@@ -37,6 +36,10 @@ class Example:
     source: str
     max_pixels: int | None = None  # a per-sample pixel bound, set when images were shrunk to fit
     videos: list[VideoClip] = field(default_factory=list)
+    media: list[tuple[int, int, str]] = field(default_factory=list)  # token spans of images/videos (Formatted.media)
+
+    def media_tokens(self, kind: str = "image") -> int:
+        return sum(b - a for a, b, k in self.media if k == kind)
 
     @property
     def num_supervised(self) -> int:
@@ -242,11 +245,11 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
             example = shrunk or example
     bound = shrunk.max_pixels if shrunk is not None else None
     if len(example.input_ids) > max_length:
-        n_img = sum(1 for x in example.input_ids if x == formatter.image_token_id)
+        n_img = example.media_tokens("image")
         hint = ("raise max_length or shorten the sample" if on_overlong == "shrink_images"
                 else "raise max_length, lower data.max_pixels, set data.on_overlong=shrink_images, "
                      "or shorten the sample")
-        n_vid = sum(c.tokens for c in example.videos)
+        n_vid = example.media_tokens("video")
         if n_vid:  # video tokens are never cut or shrunk: fewer or smaller frames make them fit
             hint += ", or lower data.video_max_frames / data.video_max_pixels"
         kinds = f"{n_img} image tokens" + (f", {n_vid} video tokens" if n_vid else "")
@@ -256,19 +259,13 @@ def _row(index: int, conv: Conversation, formatter: Formatter, family: Family, s
     return RowResult(index, example=example, fingerprint=fingerprint, shrink_bound=bound)
 
 
-def image_tokens(family: Family, processor, refs: list[str], dims) -> tuple[list[int], list[tuple[int, ...]]]:
-    """Image tokens and vision grid per image of one sample, given each image's (width, height)."""
-    counts, grids = [], []
-    for ref, (width, height) in zip(refs, dims, strict=True):
-        try:
-            n, grid = family.image_layout(processor, height, width)
-        except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
-            raise ValueError(f"image {ref} ({width}x{height}) cannot be processed: {e}") from None
-        counts.append(n)
-        grids.append(tuple(grid))
-    if len(counts) > 1 and family.multi_image_tokens is not None:
-        counts = [family.multi_image_tokens(processor)] * len(counts)
-    return counts, grids
+def plan_images(family: Family, processor, refs: list[str], dims) -> list[ImagePlan]:
+    """The family's plan for each image of one sample, given each image's (width, height)."""
+    try:
+        return family.plan_images(processor, [(height, width) for width, height in dims])
+    except ValueError as e:  # e.g. an extreme aspect ratio the processor refuses
+        sizes = ", ".join(f"{ref} ({w}x{h})" for ref, (w, h) in zip(refs, dims, strict=True))
+        raise ValueError(f"image {sizes} cannot be processed: {e}") from None
 
 
 def video_clips(family: Family, processor, refs: list, cache: dict) -> list[VideoClip]:
@@ -277,8 +274,8 @@ def video_clips(family: Family, processor, refs: list, cache: dict) -> list[Vide
     `cache` keeps each video's headers (or its problem) across rows; raises ValueError for a bad video."""
     if not refs:
         return []
-    if family.video_layout is None:
-        takers = ", ".join(f.name for f in families.all_families() if f.video_layout is not None)
+    if not family.takes_video():
+        takers = ", ".join(f.name for f in families.all_families() if f.takes_video())
         raise ValueError(f"this model family ({family.name}) does not take video; remove the video parts"
                          + (f" or use a family that does ({takers})" if takers else ""))
     fps, max_frames, multiple = frame_settings(processor)
@@ -306,24 +303,25 @@ def video_clips(family: Family, processor, refs: list, cache: dict) -> list[Vide
 def format_example(conv: Conversation, formatter: Formatter, family: Family, dims, processor,
                    max_pixels: int | None = None, clips: list[VideoClip] = ()) -> Example:
     """One conversation as training formats it, given each image's (width, height)."""
-    counts, grids = image_tokens(family, processor, conv.images, dims)
-    formatted = formatter(conv, counts, [c.tokens for c in clips])
-    return Example(formatted.input_ids, formatted.labels, conv.images, grids, conv.source, max_pixels, list(clips))
+    plans = plan_images(family, processor, conv.images, dims) if conv.images else []
+    formatted = formatter(conv, [p.text for p in plans], [family.video_sequence(processor, c) for c in clips])
+    return Example(formatted.input_ids, formatted.labels, conv.images, [p.grid for p in plans], conv.source,
+                   max_pixels, list(clips), formatted.media)
 
 
 def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_length: int,
             full: Example, clips: list[VideoClip] = ()) -> Example | None:
     """The example under the largest pixel bound (>= min_pixels) that fits max_length, or None."""
-    bounds = bounds_of(formatter.processor.image_processor)
-    top, floor = bounds["max_pixels"], bounds["min_pixels"]
-    if not family.pixel_bounds or not top or not floor:
+    if family.pixels is None:
         return None  # this family's image processor has no pixel bounds to lower
-    image_id = formatter.image_token_id
-    text_tokens = sum(1 for x in full.input_ids if x != image_id)
+    floor, top = family.pixels.get(formatter.processor.image_processor)
+    if not top or not floor:
+        return None
+    text_tokens = len(full.input_ids) - full.media_tokens("image")
 
     def image_tokens(max_pixels: int) -> int:
-        processor = _with_max_pixels(formatter.processor, max_pixels)
-        return sum(family.image_layout(processor, h, w)[0] for w, h in dims)
+        processor = _with_max_pixels(family, formatter.processor, max_pixels)
+        return sum(p.tokens for p in plan_images(family, processor, full.images, dims))
 
     best, lo, hi = None, floor, top - 1
     while lo <= hi:  # image tokens grow with the bound: find the largest bound that fits
@@ -334,13 +332,14 @@ def _shrink(conv: Conversation, formatter: Formatter, family: Family, dims, max_
             hi = mid - 1
     if best is None:
         return None
-    return format_example(conv, formatter, family, dims, _with_max_pixels(formatter.processor, best), best, clips)
+    return format_example(conv, formatter, family, dims, _with_max_pixels(family, formatter.processor, best), best,
+                          clips)
 
 
-def _with_max_pixels(processor, max_pixels: int):
+def _with_max_pixels(family: Family, processor, max_pixels: int):
     clone = copy.copy(processor)
     clone.image_processor = copy.copy(processor.image_processor)
-    set_bounds(clone.image_processor, max_pixels=max_pixels)
+    family.pixels.set(clone.image_processor, None, max_pixels)
     return clone
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageProblem, image_size, load_rgb, to_rgb
-from .pixels import set_bounds
 
 DEFAULT_FPS = 2.0
 DEFAULT_MAX_FRAMES = 32
@@ -137,23 +136,16 @@ def frame_settings(processor) -> tuple[float, int, int]:
             getattr(vp, "temporal_patch_size", None) or 1)
 
 
-def apply_video_settings(processor, fps: float, max_frames: int, min_pixels: int | None = None,
+def apply_video_settings(processor, knobs, fps: float, max_frames: int, min_pixels: int | None = None,
                          max_pixels: int | None = None) -> None:
-    """Put a recipe's video settings on the processor's video processor (unset pixel bounds: its own)."""
+    """Put a recipe's video settings on the processor's video processor (unset pixel bounds: its own);
+    `knobs`: the family's PixelKnobs (None: the bounds do not apply)."""
     vp = getattr(processor, "video_processor", None)
     if vp is None:
         return
     vp.fps, vp.max_frames = fps, max_frames
-    set_bounds(vp, min_pixels, max_pixels)
-
-
-def processor_kwargs(processor) -> dict:
-    """Keyword arguments for the video processor: frames are already sampled here."""
-    vp = processor.video_processor
-    out = {"do_sample_frames": False}
-    if hasattr(vp, "cap_pixels_per_frame"):  # explicit, as planned (and without its deprecation warning)
-        out["cap_pixels_per_frame"] = bool(vp.cap_pixels_per_frame)
-    return out
+    if knobs is not None:
+        knobs.set(vp, min_pixels, max_pixels)
 
 
 def load_frames(clip: VideoClip) -> list[Image.Image]:

@@ -4,16 +4,11 @@ Nothing here touches the network. ``python -m vlmtune.demo make-data OUT_DIR`` r
 ``data_templates/shapes`` folder; ``python -m vlmtune.demo build-model NAME`` prints a builtin model's path.
 """
 
-from .models import BUILTIN_MODELS, MODEL_FAMILY_BUILDERS, build_tiny_model_dir, builtin_model_path
+from ..families.llava import LLAVA_CHAT_TEMPLATE, ONEVISION_CHAT_TEMPLATE
+from ..families.qwen2_vl import QWEN_VL_CHAT_TEMPLATE
+from .models import BUILTIN_MODELS, build_tiny_model_dir, builtin_model_path
 from .shapes import COLOURS, SHAPES, SYSTEM_PROMPT, draw_scene, make_shapes_dataset
-from .templates import (
-    LLAVA_CHAT_TEMPLATE,
-    ONEVISION_CHAT_TEMPLATE,
-    QWEN2_SPLIT_REGEX,
-    QWEN_VL_CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-)
-from .tokenizers import build_tiny_llama_tokenizer, build_tiny_tokenizer
+from .tokenizers import QWEN2_SPLIT_REGEX, SPECIAL_TOKENS, build_tiny_llama_tokenizer, build_tiny_tokenizer
 
 
 def _main(argv=None):
@@ -22,7 +17,7 @@ def _main(argv=None):
     return main(argv)
 
 
-__all__ = ["BUILTIN_MODELS", "MODEL_FAMILY_BUILDERS", "build_tiny_model_dir", "builtin_model_path", "COLOURS",
+__all__ = ["BUILTIN_MODELS", "build_tiny_model_dir", "builtin_model_path", "COLOURS",
            "SHAPES", "SYSTEM_PROMPT", "draw_scene", "make_shapes_dataset", "LLAVA_CHAT_TEMPLATE",
            "ONEVISION_CHAT_TEMPLATE", "QWEN_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny_llama_tokenizer",
            "build_tiny_tokenizer", "QWEN2_SPLIT_REGEX"]

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from .shapes import COLOURS, SHAPES, SYSTEM_PROMPT, _qa_colour, _qa_count, _qa_shape, _qa_side, _qa_total
-from .templates import LLAVA_CHAT_TEMPLATE, QWEN2_SPLIT_REGEX, QWEN_VL_CHAT_TEMPLATE, SPECIAL_TOKENS
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 _GENERIC_TEXT = """
 The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
@@ -54,7 +61,7 @@ def _template_sentences() -> list[str]:
 
 
 # ---------------------------------------------------------------- tokenizer
-def build_tiny_tokenizer(vocab_size: int = 1000):
+def build_tiny_tokenizer(vocab_size: int = 1000, chat_template: str | None = None):
     """A deterministic byte-level BPE Qwen2 tokenizer (~1000 tokens + Qwen's 14 special tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
@@ -84,14 +91,14 @@ def build_tiny_tokenizer(vocab_size: int = 1000):
         pad_token="<|endoftext|>", add_prefix_space=False, clean_up_tokenization_spaces=False,
         model_max_length=32768, errors="replace",
     )  # fmt: skip
-    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 
 LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 
-def build_tiny_llama_tokenizer(vocab_size: int = 1000):
+def build_tiny_llama_tokenizer(vocab_size: int = 1000, chat_template: str | None = None):
     """A deterministic Llama-2 style tokenizer (SentencePiece BPE with byte fallback) plus `<image>` and `<pad>`.
 
     Same pipeline as llava-hf/llava-1.5-7b-hf's tokenizer.json: a `▁` is prepended to every text and
@@ -130,7 +137,7 @@ def build_tiny_llama_tokenizer(vocab_size: int = 1000):
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False, model_max_length=4096,
     )  # fmt: skip
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 

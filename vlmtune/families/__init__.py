@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Family
+from .base import Family, ImagePlan, PixelKnobs
 
 _FAMILIES: dict[str, Family] = {}
 _BY_MODEL_TYPE: dict[str, Family] = {}
@@ -45,6 +45,18 @@ def for_model_type(model_type: str) -> Family:
         ) from None
 
 
+def by_tiny_name(name: str) -> Family:
+    """The family whose tiny offline test model is called `name` (e.g. tiny-qwen2-vl)."""
+    for family in _FAMILIES.values():
+        if family.tiny_name == name:
+            return family
+    raise UnknownFamilyError(f"unknown builtin model {name!r}; known: {', '.join(tiny_names())}")
+
+
+def tiny_names() -> list[str]:
+    return sorted(f.tiny_name for f in _FAMILIES.values() if f.tiny_name)
+
+
 def names() -> list[str]:
     return sorted(_FAMILIES)
 
@@ -53,6 +65,21 @@ def all_families() -> list[Family]:
     return [_FAMILIES[n] for n in names()]
 
 
-from . import llava, qwen2_vl  # noqa: E402,F401  (each registers its families)
+# One line per family module; each module's FAMILIES are registered in this order.
+FAMILY_MODULES = (
+    "qwen2_vl",
+    "llava",
+)
 
-__all__ = ["Family", "UnknownFamilyError", "register", "get", "for_model_type", "names", "all_families"]
+
+def _register_modules() -> None:
+    import importlib
+
+    for module in FAMILY_MODULES:
+        for family in importlib.import_module(f"{__name__}.{module}").FAMILIES:
+            register(family)
+
+
+_register_modules()
+
+__all__ = ["Family", "ImagePlan", "PixelKnobs", "FAMILY_MODULES", "by_tiny_name", "tiny_names", "UnknownFamilyError", "register", "get", "for_model_type", "names", "all_families"]

@@ -1,67 +1,141 @@
-"""What vlmtune needs to know about one model family, in one place."""
+"""What vlmtune knows about one model family, in one place: the `Family` record every family module fills in.
+
+Generic code asks the family; it never tests a model name, a model type or a family's processor key.
+A family module holds everything below plus the builder of its tiny offline test model, and registers
+itself with one line in `families/__init__.py`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-# (processor, height, width) -> (image tokens, vision grid) for an image of that size.
-LayoutFn = Callable[[object, int, int], tuple[int, tuple[int, ...]]]
-# (input_ids, image grids, processor[, videos=((grid, temporal step), ...)]) -> position ids (rows, seq_len)
-# for one unpadded sequence; `videos` is passed only when the sequence has videos.
-PositionFn = Callable[..., torch.Tensor]
-# (processor, frames, height, width) -> (video tokens, (t, h, w) grid) for a video of that many frames and size.
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image of one sample as its family plans it, from the image's size alone.
+
+    `grid`: what the image processor will report for it (checked when the image is loaded; Qwen's positions use
+    it). `text`: what the processor writes in place of the image's placeholder, the full token sequence of the
+    image (`<start_of_image>` + soft tokens + `<end_of_image>`, tiles with row/column markers, a run of pads);
+    the formatter tokenizes it in context, exactly as the processor does, and never puts a label on it.
+    `tokens`: its length in tokens (what the token budget counts)."""
+
+    grid: tuple[int, ...]
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class PixelKnobs:
+    """How `data.min_pixels` / `data.max_pixels` (and the video ones) map onto a family's processors.
+
+    `factor`: images are resized to multiples of factor x factor pixels (patch x merge), so no bound may be
+    below factor². `get(p)` -> (min, max) of an image or video processor; `set(p, min, max)` sets the given
+    ones in place; `call_kwargs(p, max)` -> keyword arguments processing one call under a lower max."""
+
+    factor: int
+    get: Callable[[object], tuple[int | None, int | None]]
+    set: Callable[[object, int | None, int | None], None]
+    call_kwargs: Callable[[object, int], dict]
+
+
+# (processor, [(height, width) per image of one sample]) -> one plan per image
+PlanImagesFn = Callable[[object, Sequence[tuple[int, int]]], list[ImagePlan]]
+# (processor, [PIL images of one sample], extra processor kwargs) -> the image processor's outputs
+ImageInputsFn = Callable[[object, list, dict], dict]
+# (processor, frames, height, width) -> (video tokens, grid) for a video of that many frames and size
 VideoLayoutFn = Callable[[object, int, int, int], tuple[int, tuple[int, ...]]]
-# (model config, seconds one temporal patch covers) -> temporal position step per temporal patch.
-VideoTimeFn = Callable[[object, float], float]
+# (input_ids, image grids, processor[, videos=((grid, temporal step), ...)]) -> position ids (rows, seq_len)
+# for one unpadded sequence; `videos` is passed only when the sequence has videos
+PositionFn = Callable[..., torch.Tensor]
+# (processor, input ids) -> per-token inputs the model needs beside the ids, one value per token (padding: 0)
+TokenInputsFn = Callable[[object, list[int]], dict[str, list[int]]]
+
+
+def default_image_inputs(processor, images: list, kwargs: dict) -> dict:
+    """One sample's images through the image processor as one nested list, as the processor groups them."""
+    return dict(processor.image_processor(images=[images], return_tensors="pt", **kwargs))
+
+
+def blank_image_inputs(family: Family, processor) -> dict[str, torch.Tensor]:
+    """Vision inputs for one small blank image, as the family's own image processing makes them."""
+    from PIL import Image
+
+    out = family.image_inputs(processor, [Image.new("RGB", (32, 32), (0, 0, 0))], {})
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def grid_key(key: str) -> Callable[[dict], list | None]:
+    """`made_grids` reading one output of the image (video) processor, e.g. `image_grid_thw`."""
+
+    def made(outputs: dict) -> list | None:
+        value = outputs.get(key)
+        return None if value is None else value.tolist()
+
+    return made
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: module layout, chat-format facts and defaults.
-
-    Generic code asks the family; it never tests a model name.
-    """
+    """A model family: everything vlmtune needs to know about it (see the module docstring)."""
 
     name: str
     model_types: tuple[str, ...]
     description: str
+    model_class: str  # the transformers class (by name) that loads the family's checkpoints
+    # --- modules: parameter-path prefixes of the loaded model
     vision_prefix: str
-    projector_prefix: str
+    projector_prefixes: tuple[str, ...]
     language_prefix: str
-    image_token: str
+    default_lora_targets: tuple[str, ...]  # module names (or one regex) LoRA goes on by default
+    skip_quantization: tuple[str, ...]  # module paths kept out of 4-bit/8-bit (matched from the path's start)
+    # --- chat: the token the template writes per image, the reply's end token(s)
+    image_placeholder: str
     end_of_turn: tuple[str, ...]
-    default_lora_targets: tuple[str, ...]
+    plan_images: PlanImagesFn
+    # the chat template ends a reply with no end token: the tokenizer's EOS is appended (as an id, never text)
     append_eos_after_reply: bool = False
-    fp16_overflows: bool = False
-    # Module path prefixes kept out of 4-bit/8-bit quantization (matched from the start of the path).
-    skip_quantization: tuple[str, ...] = ()
-    image_layout: LayoutFn | None = None
+    # --- images
+    image_inputs: ImageInputsFn = default_image_inputs
+    made_grids: Callable[[dict], list | None] | None = None  # grids the processor made (None: nothing to check)
+    pixels: PixelKnobs | None = None  # None: data.min_pixels / max_pixels do not apply
+    size_knob: str = ""  # what sizes this family's images instead (named when min/max_pixels are refused)
+    # --- batching: processor outputs concatenated along dim 0 (other dims zero-padded); per-token inputs
+    concat_keys: tuple[str, ...] = ("pixel_values",)
+    token_inputs: TokenInputsFn | None = None
+    token_keys: tuple[str, ...] = ()  # the keys token_inputs returns (padded like input_ids, with 0)
     position_ids: PositionFn | None = None  # None: the model's default 1-D positions
-    # Key of the image processor's output that must equal the planned grids (None: nothing to check).
-    grid_key: str | None = "image_grid_thw"
-    # Image tokens per image when a sample holds several images, if that differs from image_layout
-    # (LLaVA-OneVision then drops anyres tiling); None: each image as if alone.
-    multi_image_tokens: Callable[[object], int] | None = None
-    # data.min_pixels / max_pixels apply: the image processor sizes images by pixel count (Qwen2-VL).
-    pixel_bounds: bool = True
-    # Video: the placeholder token and the token layout (None: this family does not take video), the key of the
-    # video processor's output that must equal the planned grids, and the temporal position rule (None: one
-    # position per temporal patch).
-    video_token: str | None = None
+    # --- video (None: the family takes no video)
+    video_placeholder: str | None = None
     video_layout: VideoLayoutFn | None = None
-    video_grid_key: str = "video_grid_thw"
-    video_time_step: VideoTimeFn | None = None
-    # Extra inputs generate() needs beside ids, mask and pixels: (processor, left-padded ids) -> {key: tensor}.
-    generation_inputs: Callable[[object, torch.Tensor], dict] | None = None
-    extra: dict = field(default_factory=dict)
+    video_text: Callable[[object, object], str] | None = None  # (processor, VideoClip) -> text; None: pads
+    video_inputs: Callable[[object, list, list], dict] | None = None  # (processor, frames per video, clips)
+    made_video_grids: Callable[[dict], list | None] | None = None
+    video_time_step: Callable[[object, float], float] | None = None  # (model config, seconds per grid) -> step
+    # --- training
+    fp16_overflows: bool = False
+    # (family, processor) -> vision inputs ZeRO-3 runs on a batch without images (see distributed.py)
+    dummy_vision_inputs: Callable[[Family, object], dict] = blank_image_inputs
+    # --- the tiny offline test model: builtin name, and () -> (config, model class, processor)
+    tiny_name: str = ""
+    build_tiny: Callable[[], tuple[object, type, object]] | None = None
+
+    def load_class(self):
+        """The transformers model class of this family."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def takes_video(self) -> bool:
+        return self.video_layout is not None
 
     def component_of(self, param_name: str) -> str:
         """'projector', 'vision', 'language' or 'other' for a parameter name of the (PEFT-wrapped) model."""
-        name = _strip_peft_prefix(param_name)
-        if name.startswith(self.projector_prefix + "."):
+        name = param_name.removeprefix("base_model.model.")
+        if any(name.startswith(p + ".") for p in self.projector_prefixes):
             return "projector"
         if name.startswith(self.vision_prefix + "."):
             return "vision"
@@ -69,9 +143,8 @@ class Family:
             return "language"
         return "other"
 
-
-def _strip_peft_prefix(name: str) -> str:
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
+    def video_sequence(self, processor, clip) -> str:
+        """The text a video's placeholder becomes (default: one placeholder per video token)."""
+        if self.video_text is not None:
+            return self.video_text(processor, clip)
+        return self.video_placeholder * clip.tokens
