@@ -69,6 +69,7 @@ def all_families() -> list[Family]:
 FAMILY_MODULES = (
     "qwen2_vl",
     "llava",
+    "internvl",
 )
 
 
