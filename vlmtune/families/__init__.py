@@ -70,6 +70,7 @@ FAMILY_MODULES = (
     "qwen2_vl",
     "llava",
     "internvl",
+    "qwen3_vl",
 )
 
 
