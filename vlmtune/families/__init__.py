@@ -71,6 +71,7 @@ FAMILY_MODULES = (
     "llava",
     "internvl",
     "qwen3_vl",
+    "gemma3",
 )
 
 
