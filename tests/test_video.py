@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from transformers.video_utils import VideoMetadata
 
 from vlmtune import families, load_recipe
 from vlmtune.config import RecipeError
@@ -33,7 +34,7 @@ from vlmtune.errors import VlmtuneError
 from .conftest import write_jsonl
 from .test_formatting import supervised_runs
 
-QWEN = ["qwen2_vl", "qwen2_5_vl"]
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # (qwen3_vl_moe: the same video code as qwen3_vl)
 FRAME_SIZE = (90, 60)  # (width, height): 6 x 4 merged patches per temporal patch on the tiny models
 
 
@@ -107,8 +108,10 @@ def processor_batch(processor, c, clips):
     """The processor's own output for the conversation, given the frames vlmtune sampled."""
     text = processor.apply_chat_template(template_messages(c.turns), tokenize=False)
     imgs = [Image.open(p).convert("RGB") for p in c.images]
+    metadata = [VideoMetadata(total_num_frames=len(clip.indices), fps=clip.frame_rate, frames_indices=list(clip.indices))
+                for clip in clips]  # each frame's time in its source (Qwen3-VL writes it)
     return processor(text=[text], images=imgs or None, videos=[load_frames(clip) for clip in clips],
-                     return_tensors="pt", **video_kwargs(processor))
+                     return_tensors="pt", video_metadata=metadata, **video_kwargs(processor))
 
 
 def video_kwargs(processor) -> dict:
@@ -203,7 +206,8 @@ def test_planned_video_tokens_equal_the_video_processors(family_name, bounds, pr
     vp = processor.video_processor
     for n, (w, h) in ((1, (90, 60)), (2, (200, 30)), (5, (33, 100)), (6, (300, 300))):
         tokens, grid = family.video_layout(processor, n + n % 2, h, w)
-        made = vp(videos=[[Image.new("RGB", (w, h))] * n], return_tensors="pt", **video_kwargs(processor))
+        # vlmtune's frame count is even (the last frame repeated), as planned
+        made = vp(videos=[[Image.new("RGB", (w, h))] * (n + n % 2)], return_tensors="pt", **video_kwargs(processor))
         assert made["video_grid_thw"].tolist() == [list(grid)], (n, w, h)
         assert tokens == math.prod(grid) // vp.merge_size**2 == made["pixel_values_videos"].shape[0] // 4
         if bounds.get("max_pixels") and w == h:  # (an extreme aspect keeps one 28 px patch per side)
@@ -262,9 +266,10 @@ def test_video_tokens_are_never_labels(family_name, train_on, processor_for, fra
     vision = {tok.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|image_pad|>")}
     assert out.input_ids.count(tok.convert_tokens_to_ids("<|video_pad|>")) == sum(clip.tokens for clip in clips)
     assert all(lab == IGNORE_INDEX for i, lab in zip(out.input_ids, out.labels, strict=True) if i in vision)
-    if train_on is TrainOn.ALL:
+    if train_on is TrainOn.ALL:  # everything but the media sequences (Qwen3-VL's hold timestamps too)
+        inside = {k for start, end, _ in out.media for k in range(start, end)}
         assert [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX] == \
-            [i for i in out.input_ids if i not in vision]
+            [i for k, i in enumerate(out.input_ids) if k not in inside]
 
 
 def test_a_typed_video_token_is_an_error(processor_for, frames):
