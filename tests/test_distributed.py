@@ -168,25 +168,31 @@ def test_every_forward_runs_the_vision_tower_once_and_the_loss_is_unchanged(fami
     family = families.get(family_name)
     model, processor = loaded(family_name)
     text, image = _batches(processor)
+    tower = model.get_submodule(family.vision_prefix)
     tower_calls = []
-    counter = model.get_submodule(family.vision_prefix).register_forward_hook(lambda *a: tower_calls.append(1))
+    counter = tower.register_forward_hook(lambda *a: tower_calls.append(1))
     try:
         with torch.no_grad():
             plain_text, plain_image = model(**text).loss, model(**image).loss
-            assert len(tower_calls) == 1  # without the hook a text-only batch skips the tower: the ZeRO-3 trap
-            hook = distributed.keep_vision_in_step(model, family, processor)
-            try:
-                tower_calls.clear()
-                hooked_text = model(**text).loss
-                assert len(tower_calls) == 1 and hook.calls == 1
+        assert len(tower_calls) == 1  # without the hook a text-only batch skips the tower: the ZeRO-3 trap
+        hook = distributed.keep_vision_in_step(model, family, processor)
+        try:
+            tower_calls.clear()
+            hooked_text = model(**text).loss
+            assert len(tower_calls) == 1 and hook.calls == 1
+            hooked_text.backward()  # the backward pass goes through the tower too, with zero gradients
+            with torch.no_grad():
                 hooked_image = model(**image).loss
-                assert len(tower_calls) == 2 and hook.calls == 1  # images: the model's own call, no dummy
-            finally:
-                hook.remove()
+            assert len(tower_calls) == 2 and hook.calls == 1  # images: the model's own call, no dummy
+        finally:
+            hook.remove()
+        grads = [p.grad for p in tower.parameters()]
+        assert any(g is not None for g in grads) and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
     finally:
         counter.remove()
+        model.zero_grad(set_to_none=True)
     assert math.isfinite(plain_text.item())
-    assert torch.equal(hooked_text, plain_text) and torch.equal(hooked_image, plain_image)
+    assert torch.equal(hooked_text.detach(), plain_text) and torch.equal(hooked_image, plain_image)
 
 
 def test_a_trained_projector_gets_zero_gradients_from_a_text_only_batch(loaded):
@@ -216,13 +222,13 @@ def test_a_family_can_supply_its_own_dummy_input(loaded):
     _, processor = loaded("qwen2_vl")
     made = []
 
-    def build(proc):
-        made.append(proc)
+    def build(family, proc):
+        made.append((family.name, proc))
         return distributed.dummy_vision_inputs(base, proc)
 
-    custom = dataclasses.replace(base, extra={"dummy_vision_inputs": build})
+    custom = dataclasses.replace(base, name="custom", dummy_vision_inputs=build)
     inputs = distributed.dummy_vision_inputs(custom, processor)
-    assert made == [processor] and inputs["image_grid_thw"].shape == (1, 3)
+    assert made == [("custom", processor)] and inputs["image_grid_thw"].shape == (1, 3)
 
 
 # ------------------------------------------------------------------ ZeRO-3 bookkeeping

@@ -117,7 +117,28 @@ CASES = {
                                    ("assistant", "The first is red, the second green."),
                                    ("user", im["big"], "And this one?"), ("assistant", "Yellow.")),
     "text_only": lambda im: conv(("user", "Say hi."), ("assistant", "Hi!")),
+    "late_image": lambda im: conv(("user", "I will show you a picture."), ("assistant", "Please do."),
+                                  ("user", im["tall"], "What colour is it?"), ("assistant", "Green.")),
+    "three_images": lambda im: conv(("user", im["red"], im["wide"], im["tall"], "Which one is blue?"),
+                                    ("assistant", "The second one.")),
+    "system": lambda im: conv(("system", "Answer in one word."), ("user", im["big"], "Colour?"),
+                              ("assistant", "Yellow.")),
+    "non_latin": lambda im: conv(("user", im["red"], "这是什么颜色？🎨 Какой это цвет?"),
+                                 ("assistant", "红色 🔴, красный, 赤い.")),
+    "newlines": lambda im: conv(("user", im["wide"], "List two facts."),
+                                ("assistant", "It is blue.\nIt is wide.\n\n- two lines apart")),
+    "three_replies": lambda im: conv(("user", im["red"], "Colour?"), ("assistant", "Red."),
+                                     ("user", "Shape?"), ("assistant", "A square."),
+                                     ("user", "Size?"), ("assistant", "Small.")),
 }
+
+
+def test_every_case_alternates_user_and_assistant(images):
+    """Templates such as Gemma 3's refuse anything else; a case they refuse would test nothing."""
+    for name, make in CASES.items():
+        turns = make(images).turns
+        roles = [t.role for t in turns[1:]] if turns[0].role == "system" else [t.role for t in turns]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, name
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)

@@ -86,7 +86,9 @@ def test_merged_model_equals_base_plus_adapter(family, quant, trained_adapter, t
     out = tmp_path / "merged"
     result = vlmtune.merge_adapter(adapter, out, **QUIET)
     assert result.check["max_relative_error"] <= result.check["tolerance"] == 1e-4
-    assert result.check["adapter_effect"] > 1e-3 and result.merged_modules == 14
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        trained = {k.split(".lora_A.")[0] for k in f.keys() if ".lora_A." in k}
+    assert result.check["adapter_effect"] > 1e-3 and result.merged_modules == len(trained) > 0
 
     # completeness: Auto classes load the folder alone; the processor is the adapter's, byte for byte
     for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer_config.json",

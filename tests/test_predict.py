@@ -120,6 +120,21 @@ def test_adapter_and_merged_model_predict_the_same(trained_adapter, merged, data
     assert written[0]["source"].endswith("rows.jsonl:1")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_predicts_the_same_from_its_adapter_and_its_merge(family, trained_adapter, data_file,  # noqa: F811
+                                                                       tmp_path):
+    """The 2-step adapter of each family (test_merge.py) on batches of a multi-turn and a two-image row."""
+    adapter = trained_adapter(family)
+    merged = vlmtune.merge_adapter(adapter, tmp_path / "merged", check=False, **QUIET).output_dir
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(data_file.read_text().splitlines()[4:]) + "\n")
+    kw = dict(data=rows, image_root=str(SHAPES), max_new_tokens=8, batch_size=2, progress=False)
+    via_adapter = vlmtune.predict(adapter, **kw)
+    via_merged = vlmtune.predict(merged, **kw)
+    assert len(via_adapter) == 4 and [r["prediction"] for r in via_adapter] == [r["prediction"] for r in via_merged]
+    assert all(isinstance(r["prediction"], str) for r in via_adapter)
+
+
 def test_single_prompt_with_images_and_sampling(merged):
     image = SHAPES / "images" / "eval_0001.png"
     kw = dict(images=[image], prompt="What colour is the square?", max_new_tokens=8, progress=False)

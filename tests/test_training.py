@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlmtune
+from vlmtune import families
 from vlmtune.training import build_trainer
 
 from .conftest import FAMILIES
@@ -42,30 +43,56 @@ def snapshot(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
+def lora_modules(model) -> set[str]:
+    """Paths (from the base model's root) of the modules that got LoRA weights."""
+    return {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
+            if "lora_" in n}
+
+
+def default_targets(model, family) -> set[str]:
+    """The family's default LoRA targets in this model: its language model's linear layers of those names."""
+    return {n for n, m in model.get_base_model().named_modules()
+            if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and not n.endswith(".base_layer")
+            and family.component_of(n) == "language" and not n.startswith("lm_head")
+            and n.rsplit(".", 1)[-1] in family.default_lora_targets}
+
+
+# bf16 LoRA, and 4-bit QLoRA (bf16 compute): the dtype and quantization settings of each
+SETUPS = {"bf16-lora": {"model.dtype": "bfloat16", "quantization.mode": "none"},
+          "4bit-qlora": {"model.dtype": "bfloat16", "quantization.mode": "4bit", "quantization.compute_dtype": "bfloat16"}}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("quant", ["none", "4bit"])
-def test_steps_change_every_lora_weight_and_nothing_else(family, quant, small_data, tmp_path):
-    if quant == "4bit":
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_steps_change_every_lora_weight_and_nothing_else(family, setup, small_data, tmp_path):
+    if setup == "4bit-qlora":
         pytest.importorskip("bitsandbytes")
-    recipe = recipe_for(family, small_data, tmp_path, **{"quantization.mode": quant,
-                                                        "quantization.compute_dtype": "float32"})
+    fam = families.get(family)
+    # 2 constant-rate steps: the first moves every lora_B off zero, the second then moves every lora_A
+    recipe = recipe_for(family, small_data, tmp_path, **{**SETUPS[setup], "train.max_steps": 2, "train.warmup_ratio": 0.0,
+                                                          "train.lr_scheduler_type": "constant"})
     plan = vlmtune.plan(recipe)
     trainer, report = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
     assert report["vision"][0] == 0 and report["projector"][0] == 0 and report["language"][0] > 0
     before = snapshot(trainer.model)
     trainer.train()
+    assert trainer.state.global_step == 2
     after = snapshot(trainer.model)
     lora = [n for n in before if "lora_" in n]
     assert lora and all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" not in n and p.is_floating_point()
+            and fam.component_of(n) == "vision"} == {torch.bfloat16}
     unchanged_lora = [n for n in lora if torch.equal(before[n], after[n])]
     assert not unchanged_lora, unchanged_lora[:5]
     changed_other = [n for n in before if "lora_" not in n and not torch.equal(before[n], after[n])]
     assert not changed_other, changed_other[:5]
-    if quant == "4bit":
+    if setup == "4bit-qlora":
         import bitsandbytes as bnb
 
-        linear4 = [n for n, m in trainer.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-        assert linear4 and all(".language_model." in n for n in linear4)  # vision tower left unquantized
+        linear4 = [n.removeprefix("base_model.model.") for n, m in trainer.model.named_modules()
+                   if isinstance(m, bnb.nn.Linear4bit)]
+        assert linear4 and {fam.component_of(n) for n in linear4} == {"language"}  # vision tower left unquantized
+        assert not [n for n in linear4 if n.startswith(fam.skip_quantization)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,10 +100,10 @@ def test_lora_targets_only_the_language_model_by_default(family, small_data, tmp
     recipe = recipe_for(family, small_data, tmp_path)
     plan = vlmtune.plan(recipe)
     trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
-    lora_modules = {n.rsplit(".lora_", 1)[0] for n, _ in trainer.model.named_parameters() if "lora_" in n}
-    assert all(".language_model." in n for n in lora_modules)
-    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"}
+    fam = families.get(family)
+    got = lora_modules(trainer.model)
+    assert got and {fam.component_of(n) for n in got} == {"language"}
+    assert got == default_targets(trainer.model, fam)
 
 
 def test_vision_tower_and_projector_can_be_trained(small_data, tmp_path):
