@@ -72,6 +72,7 @@ FAMILY_MODULES = (
     "internvl",
     "qwen3_vl",
     "gemma3",
+    "smolvlm",
 )
 
 
