@@ -8,10 +8,10 @@ import importlib.util
 
 import pytest
 import torch
-import transformers
 
 import vlmtune
 from vlmtune import families
+from vlmtune.families import Family
 from vlmtune.modeling import check_runtime, runtime_for
 
 from .test_training import SHAPES
@@ -33,8 +33,8 @@ def on_cuda_with_flash_attn(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn"
                         else find_spec(name, *a))
-    monkeypatch.setattr(transformers, "_NoFlashModel", _NoFlash, raising=False)
-    monkeypatch.setattr(transformers, "_FlashModel", _Flash, raising=False)
+    classes = {"_NoFlashModel": _NoFlash, "_FlashModel": _Flash}
+    monkeypatch.setattr(Family, "load_class", lambda self: classes[self.model_class])
 
 
 def _family(model_class: str):
