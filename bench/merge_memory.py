@@ -86,6 +86,8 @@ def prepare(spec: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vlmtune.run_metadata import write_metadata
+
     work = Path(spec["work"])
     base, adapter = work / "base", work / "adapter"
     if spec["arch"] == "tiny":
@@ -105,8 +107,8 @@ def prepare(spec: dict) -> dict:
     lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     peft_model.save_pretrained(adapter)
     processor.save_pretrained(adapter)
-    (adapter / "vlmtune.json").write_text(json.dumps({"family": "qwen2_vl", "base_model": str(base),
-                                                      "quantization": "none", "train_on": "assistant"}))
+    write_metadata(adapter, {"family": "qwen2_vl", "base_model": str(base), "quantization": "none",
+                             "train_on": "assistant"})
     shards = sorted(base.glob("*.safetensors"))
     return {"parameters": params, "lora_parameters": lora_params, "base_shards": len(shards),
             "base_bytes": sum(p.stat().st_size for p in shards),

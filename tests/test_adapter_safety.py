@@ -98,7 +98,7 @@ def test_the_parity_check_fails_on_non_finite_logits(trained_adapter, tmp_path):
     """NaN compares as neither above nor below the tolerance: a merged folder with a NaN weight once passed."""
     from safetensors.torch import load_file, save_file
 
-    from vlmtune.merge_check import parity_check
+    from vlmtune.merge.check import parity_check
 
     adapter, out = trained_adapter("qwen2_vl"), tmp_path / "merged"
     vlmtune.merge_adapter(adapter, out, check=False, **QUIET)

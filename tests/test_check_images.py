@@ -127,7 +127,7 @@ def test_validate_names_the_rows_shrink_images_shrinks(folder, capsys):
 
 def test_predict_names_the_row_of_a_decompression_bomb(folder):
     from vlmtune.errors import VlmtuneError
-    from vlmtune.prediction import read_prompts, single_prompt
+    from vlmtune.inference import read_prompts, single_prompt
 
     fake_png(folder / "bomb.png", 30000, 30000)
     path = write_jsonl(folder / "ask.jsonl", [GOOD_ROW, image_row("bomb.png")])
@@ -139,7 +139,7 @@ def test_predict_names_the_row_of_a_decompression_bomb(folder):
 
 def test_predict_on_another_format_names_the_row_of_a_decompression_bomb(folder):
     from vlmtune.errors import VlmtuneError
-    from vlmtune.prediction import read_prompts
+    from vlmtune.inference import read_prompts
 
     fake_png(folder / "bomb.png", 30000, 30000)
     path = write_jsonl(folder / "ask.jsonl", [{"image": "bomb.png", "question": "q", "answer": "a"}])

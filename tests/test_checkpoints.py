@@ -246,9 +246,10 @@ def test_only_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
 
 
 def test_runs_and_merges_share_one_space_check_and_one_size_format(tmp_path, monkeypatch):
-    from vlmtune import merge_folder
+    from vlmtune import merge
+    from vlmtune.merge import folder as merge_folder
 
-    assert merge_folder.human_size is disk.human_size
+    assert merge.human_size is disk.human_size
     monkeypatch.setattr(disk, "free_bytes", lambda folder: 1000)
     with pytest.raises(disk.DiskFullError) as e:
         merge_folder.check_disk(tmp_path, 10**9)

@@ -287,7 +287,7 @@ def test_an_adapter_that_changes_nothing_is_an_error(tmp_path):
 
 
 def test_a_merge_that_changed_nothing_fails_the_check(trained_adapter, tmp_path, monkeypatch):
-    from vlmtune import merge_lora
+    from vlmtune.merge import lora as merge_lora
 
     monkeypatch.setattr(merge_lora.Edit, "apply", lambda self, weight, dtype: weight.to(dtype))
     with pytest.raises(vlmtune.VlmtuneError, match="the merge changed nothing"):
@@ -296,7 +296,7 @@ def test_a_merge_that_changed_nothing_fails_the_check(trained_adapter, tmp_path,
 
 
 def test_a_wrong_merge_fails_the_check(trained_adapter, tmp_path, monkeypatch):
-    from vlmtune import merge_lora
+    from vlmtune.merge import lora as merge_lora
 
     monkeypatch.setattr(merge_lora.LoraPair, "delta", lambda self: (self.b.float() @ self.a.float()) * self.scale * 2)
     with pytest.raises(vlmtune.VlmtuneError, match="parity check failed"):
@@ -305,7 +305,7 @@ def test_a_wrong_merge_fails_the_check(trained_adapter, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_an_interrupted_merge_leaves_nothing_half_made(trained_adapter, tmp_path, monkeypatch, existing):
-    from vlmtune import merge_io
+    from vlmtune.merge import io as merge_io
 
     out = tmp_path / "m"
     if existing:
@@ -332,7 +332,7 @@ def test_an_interrupted_merge_leaves_nothing_half_made(trained_adapter, tmp_path
 
 
 def test_shard_sizes_parse():
-    from vlmtune.merge_io import parse_size
+    from vlmtune.merge.io import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("300KB") == 300_000
     with pytest.raises(vlmtune.VlmtuneError, match="5GB"):

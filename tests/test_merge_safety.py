@@ -70,7 +70,7 @@ def test_out_never_is_contains_or_lies_inside_the_base(trained_adapter, tmp_path
 
 def test_the_next_merge_removes_the_leftovers_of_a_killed_one_and_only_those(trained_adapter, tmp_path,  # noqa: F811
                                                                             monkeypatch):
-    from vlmtune import merge_io
+    from vlmtune.merge import io as merge_io
 
     adapter, out = trained_adapter("qwen2_vl"), tmp_path / "m"
 

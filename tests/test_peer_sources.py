@@ -15,7 +15,7 @@ import pytest
 from vlmtune.config import RecipeError, load_recipe
 from vlmtune.data.formats import RowProblem, read_rows
 from vlmtune.data.readers.llamafactory import DEFAULT_COLUMNS
-from vlmtune.prediction import read_prompts
+from vlmtune.inference import read_prompts
 
 from .conftest import write_jsonl
 from .test_cli import recipe, run

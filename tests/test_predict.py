@@ -10,7 +10,7 @@ import pytest
 import vlmtune
 from vlmtune.cli import main
 from vlmtune.data.conversation import Conversation, Part, Turn
-from vlmtune.prediction import encode, generate, load_for_inference, read_prompts
+from vlmtune.inference import encode, generate, load_for_inference, read_prompts
 
 from .conftest import write_jsonl
 from .test_merge import BUILTIN_FOR, FAMILIES, QUIET, trained_adapter  # noqa: F401 (fixture)
@@ -88,7 +88,7 @@ def test_inputs_and_replies_equal_plain_transformers(family):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmtune.demo import builtin_model_path
-    from vlmtune.prediction import model_inputs, single_prompt
+    from vlmtune.inference import model_inputs, single_prompt
 
     image, question = SHAPES / "images" / "eval_0003.png", "Which shape is blue?"
     loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
@@ -135,17 +135,34 @@ def test_every_family_predicts_the_same_from_its_adapter_and_its_merge(family, t
     assert all(isinstance(r["prediction"], str) for r in via_adapter)
 
 
-def test_single_prompt_with_images_and_sampling(merged):
+def test_single_prompt_with_images(merged):
     image = SHAPES / "images" / "eval_0001.png"
-    kw = dict(images=[image], prompt="What colour is the square?", max_new_tokens=8, progress=False)
-    greedy = vlmtune.predict(merged, **kw)
+    greedy = vlmtune.predict(merged, images=[image], prompt="What colour is the square?", max_new_tokens=8,
+                             progress=False)
     assert len(greedy) == 1 and greedy[0]["reference"] is None
     assert greedy[0]["row"]["messages"][0]["content"][0] == {"type": "image", "image": str(image)}
-    sampled = [vlmtune.predict(merged, temperature=1.5, top_p=0.9, seed=s, **kw)[0]["prediction"] for s in (1, 1, 2)]
-    assert sampled[0] == sampled[1]  # the seed makes sampling reproducible
     two = vlmtune.predict(merged, images=[image, SHAPES / "images" / "eval_0002.png"], prompt="Same colour?",
                           max_new_tokens=4, progress=False)
     assert isinstance(two[0]["prediction"], str)
+
+
+def test_sampling_follows_temperature_top_p_and_seed(merged):
+    """Each knob must change what is generated: the old test passed with temperature and top_p ignored."""
+    loaded = load_for_inference(merged)
+    kw = dict(images=[SHAPES / "images" / "eval_0001.png"], prompt="What colour is the square?", max_new_tokens=8,
+              progress=False, loaded=loaded)
+    greedy = vlmtune.predict(merged, **kw)[0]["prediction"]
+
+    def sample(seed, temperature=1.5, top_p=1.0):
+        return vlmtune.predict(merged, temperature=temperature, top_p=top_p, seed=seed, **kw)[0]["prediction"]
+
+    hot = {seed: sample(seed) for seed in range(1, 6)}
+    assert sample(1) == hot[1]  # the seed makes sampling reproducible
+    differs = [seed for seed, text in hot.items() if text != greedy]
+    assert differs, f"temperature 1.5 gave the greedy reply {greedy!r} for every seed: it did not sample"
+    seed = differs[0]
+    assert sample(seed, top_p=1e-3) == greedy  # a tiny nucleus keeps only the most likely token
+    assert sample(seed, temperature=1e-3) == greedy  # the temperature's value counts, not only whether it is > 0
 
 
 def test_cli_predict(merged, data_file, tmp_path, capsys):
@@ -187,8 +204,6 @@ def test_predict_reads_other_data_formats_as_training_does(tmp_path):
 
     from PIL import Image
 
-    from vlmtune.prediction import read_prompts
-
     Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
     path = tmp_path / "vqa.jsonl"
     path.write_text(_json.dumps({"img": "red.png", "q": "What colour?", "a": "Red."}) + "\n")
@@ -200,14 +215,14 @@ def test_predict_reads_other_data_formats_as_training_does(tmp_path):
 def test_predict_defaults_to_the_data_format_the_adapter_was_trained_on(tmp_path):
     import json as _json
 
-    from vlmtune.prediction import _data_settings
+    from vlmtune.inference.prompts import data_settings
 
     (tmp_path / "vlmtune.json").write_text(_json.dumps(
         {"data": {"format": "caption", "columns": {"image": "pic"}, "caption_prompt": "Say what you see."}}))
-    assert _data_settings(tmp_path, None) == ("caption", {"columns": {"image": "pic"},
+    assert data_settings(tmp_path, None) == ("caption", {"columns": {"image": "pic"},
                                                            "caption_prompt": "Say what you see."})
-    assert _data_settings(tmp_path, "vqa")[0] == "vqa"
-    assert _data_settings(tmp_path / "nothing", None) == ("messages", {"columns": {}})
+    assert data_settings(tmp_path, "vqa")[0] == "vqa"
+    assert data_settings(tmp_path / "nothing", None) == ("messages", {"columns": {}})
 
 
 # ---------------------------------------------------------------- --out: checked first, written as it goes
@@ -215,7 +230,7 @@ def test_predict_defaults_to_the_data_format_the_adapter_was_trained_on(tmp_path
 
 @pytest.fixture
 def model_never_loads(monkeypatch):
-    import vlmtune.prediction as prediction
+    import vlmtune.inference.run as prediction  # predict() as it calls them
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded although --out cannot be written")
@@ -243,7 +258,7 @@ def test_an_unwritable_out_is_refused_before_the_model_loads(data_file, tmp_path
 
 def test_predictions_are_written_as_they_come_and_kept_on_a_crash(merged, data_file, tmp_path, capsys,
                                                                   monkeypatch):
-    import vlmtune.prediction as prediction
+    import vlmtune.inference.run as prediction  # predict() as it calls them
 
     real, calls = prediction.generate, []
 
@@ -279,7 +294,7 @@ def test_predict_keeps_a_rows_tools_as_training_does(tmp_path, processor_for):
     from vlmtune import families
     from vlmtune.data.formatting import Formatter
     from vlmtune.errors import VlmtuneError
-    from vlmtune.prediction import Loaded
+    from vlmtune.inference import Loaded
 
     from .test_peer_layouts import TOOLS, TOOLS_TEMPLATE
 
@@ -304,7 +319,7 @@ def test_a_rerun_keeps_the_partial_predictions_of_earlier_runs(data_file, tmp_pa
     """A rerun that fails before its first batch once wrote over <out>.partial and then deleted it."""
     import os
 
-    import vlmtune.prediction as prediction
+    import vlmtune.inference.run as prediction  # predict() as it calls them
 
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")

@@ -37,8 +37,8 @@ def validate(recipe, decode_images: bool = False):
 
 
 def predict(model, images=None, prompt=None, data=None, out=None, **kwargs):
-    """Generate with a merged model or base + adapter for one prompt or a data file (see vlmtune.prediction)."""
-    from .prediction import predict as _predict
+    """Generate with a merged model or base + adapter for one prompt or a data file (see vlmtune.inference)."""
+    from .inference import predict as _predict
 
     return _predict(model, images=images, prompt=prompt, data=data, out=out, **kwargs)
 

@@ -19,7 +19,8 @@ from .config import Recipe
 from .disk import DiskFullError, folder_bytes, full_disk_as_error, shortage, swap_in
 from .errors import VlmtuneError
 from .main_decides import decided_by_main
-from .run_folder import METADATA_FILE, RECIPE_FILE, RunFolder
+from .run_folder import RECIPE_FILE, RunFolder
+from .run_metadata import METADATA_FILE
 
 STAGING = ".saving"
 RESUME_FILE = "vlmtune_resume.json"

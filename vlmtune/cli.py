@@ -66,7 +66,7 @@ def cmd_merge_adapter(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .prediction import exact_matches, predict
+    from .inference import exact_matches, predict
 
     records = predict(args.model, images=args.image, prompt=args.prompt, data=args.data, out=args.out,
                       base=args.base, image_root=args.image_root, max_new_tokens=args.max_new_tokens,

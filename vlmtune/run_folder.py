@@ -13,8 +13,8 @@ from pathlib import Path
 from .config import Recipe
 from .disk import existing_ancestor, swap_in
 from .errors import VlmtuneError
+from .run_metadata import METADATA_FILE, listed_files, read_metadata
 
-METADATA_FILE = "vlmtune.json"  # written last: a folder that holds it is a finished run
 RESULTS_FILE = "train_results.json"
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
@@ -106,15 +106,12 @@ def _not_the_runs(out: Path, state: str) -> list[str]:
     run killed during its final write, in .vlmtune-moving.json (note_moving)."""
     own = set(_RUN_ENTRIES)
     if state == "finished":
-        meta = out / METADATA_FILE
         try:
-            parsed = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            parsed = None
-        if not isinstance(parsed, dict):  # no list to trust: deleting anything could delete a user's file
-            raise VlmtuneError(f"{meta} cannot be read, so {OVERWRITE_HINT} cannot tell the run's files from "
-                               "anyone else's; choose another output_dir, or move what you want to keep out of "
-                               f"{out} and delete it yourself")
+            parsed = read_metadata(out)
+        except VlmtuneError:  # no list to trust: deleting anything could delete a user's file
+            raise VlmtuneError(f"{out / METADATA_FILE} cannot be read, so {OVERWRITE_HINT} cannot tell the run's "
+                               "files from anyone else's; choose another output_dir, or move what you want to keep "
+                               f"out of {out} and delete it yourself") from None
         if parsed.get("files") is None:
             return []
         own.update(parsed["files"])
@@ -134,8 +131,7 @@ def _listed(path: Path, key: str) -> list[str] | None:
 def note_moving(out: Path, names: list[str]) -> None:
     """Before the final write moves its files into `out`: their names (and those an earlier write there listed),
     so that --overwrite after a kill mid-move knows them as the run's own. vlmtune.json lists them after."""
-    earlier = (_listed(out / name, "files") or [] for name in (METADATA_FILE, MOVING_FILE))
-    listed = sorted(set(names).union(*earlier))
+    listed = sorted(set(names).union(listed_files(out) or [], _listed(out / MOVING_FILE, "files") or []))
     tmp = out / f"{MOVING_FILE}.tmp"
     tmp.write_text(json.dumps({"files": listed}), encoding="utf-8")
     os.replace(tmp, out / MOVING_FILE)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .data.collator import collator_for
-from .data.conversation import Conversation, Part, Turn
-from .data.dataset import to_dataset
-from .data.images import image_size
-from .data.prepare import format_example  # training's formatting of one conversation
-from .errors import VlmtuneError
+from ..data.collator import collator_for
+from ..data.conversation import Conversation, Part, Turn
+from ..data.dataset import to_dataset
+from ..data.images import image_size
+from ..data.prepare import format_example  # training's formatting of one conversation
+from ..errors import VlmtuneError
+from ..inference.load import load_for_inference
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 _SUSPECT = {"merged": "merged folder", "base + adapter": "base model or the adapter", "bare base": "base model"}
@@ -32,8 +33,6 @@ _PROBES = [  # (image width, height), shapes left to right, question, answer
 def parity_check(merged_dir: Path, base_dir: Path, adapter_dir: Path, meta: dict, weights_dtype: torch.dtype,
                  log=print) -> dict:
     """Compare logits on the probes; raise VlmtuneError when the merge is wrong or changed nothing."""
-    from .prediction import load_for_inference
-
     with tempfile.TemporaryDirectory(prefix="vlmtune-probes-") as tmp:
         ref_model = load_for_inference(adapter_dir, base=str(base_dir), dtype=torch.float32)
         batches = probe_batches(ref_model, Path(tmp))
@@ -77,7 +76,7 @@ def parity_check(merged_dir: Path, base_dir: Path, adapter_dir: Path, meta: dict
 
 def probe_batches(loaded, folder: Path) -> list[dict]:
     """One model-input batch per probe conversation (image + question + answer), built as in training."""
-    from .demo import draw_scene
+    from ..demo import draw_scene
 
     fmt, family, processor = loaded.formatter, loaded.family, loaded.processor
     tok = fmt.tokenizer

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VlmtuneError
+from ..errors import VlmtuneError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -1,4 +1,4 @@
-"""The folders around a merge: the base located, the adapter folder checked, the output written and moved into place.
+"""The folders around a merge: the adapter folder checked, --out checked, the output written and moved into place.
 
 The output is written into a hidden temporary folder beside `out` and renamed at the very end, so an
 interrupted merge leaves either the old folder or nothing, never a half-made one (a killed merge's hidden
@@ -14,56 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from . import families
-from .disk import check_space, human_size, swap_in  # noqa: F401 (human_size: merge.py reads it from here)
-from .errors import VlmtuneError
-from .merge_lora import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .run_metadata import read_metadata
-from .training import METADATA_FILE
+from ..adapter_files import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..disk import check_space, swap_in
+from ..errors import VlmtuneError
+from ..run_metadata import METADATA_FILE, read_metadata, write_metadata
 
 # adapter-folder files that are not part of the processor (everything else is copied byte for byte)
 _NOT_PROCESSOR = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN, "README.md", "train_results.json",
                   METADATA_FILE, "trainer_state.json", "training_args.bin", "config.json", "generation_config.json"}
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-
-
-def local_base(ref: str) -> Path | None:
-    """The base model's folder when it is on disk already (a builtin name or a folder), else None."""
-    from .modeling import resolve_model_path
-
-    path = Path(resolve_model_path(ref)).expanduser()
-    return path if path.is_dir() else None
-
-
-def locate_base(ref: str) -> Path:
-    """A local folder for a base model: builtin names, folders, or a Hugging Face id already in the cache."""
-    if (path := local_base(ref)) is not None:
-        return path
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise VlmtuneError(f"base model folder not found: {ref}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure means: not available here
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise VlmtuneError(f"cannot find the base model {ref!r} locally or on the hub ({first}); "
-                           "give a local folder with --base") from None
-
-
-def model_family(config, base_ref: str, meta: dict) -> families.Family:
-    """The family the adapter was trained on (its vlmtune.json), else the base's; refused when they differ."""
-    try:
-        family = families.get(meta["family"]) if meta.get("family") else families.for_model_type(config.model_type)
-    except families.UnknownFamilyError as e:
-        raise VlmtuneError(str(e)) from None
-    if config.model_type not in family.model_types:
-        raise VlmtuneError(f"the base model {base_ref} is a {config.model_type} model but the adapter was trained "
-                           f"on the {family.name} family; give the right base with --base")
-    return family
 
 
 def check_adapter_folder(folder: Path, base: str | None) -> dict:
@@ -135,7 +93,7 @@ def holds_run(folder: Path) -> str:
 
 
 def wrote_by_merge(folder: Path) -> bool:
-    """Whether `folder` is the output of an earlier merge (its vlmtune.json has the "merged" key, see write_metadata)."""
+    """Whether `folder` is the output of an earlier merge (its vlmtune.json has "merged": write_merged_metadata)."""
     if (folder / ADAPTER_CONFIG).exists():
         return False
     try:
@@ -192,9 +150,9 @@ def copy_processor(adapter_dir: Path, folder: Path) -> None:
             shutil.copytree(path, folder / path.name)
 
 
-def write_metadata(folder: Path, meta: dict, merged: dict) -> None:
+def write_merged_metadata(folder: Path, meta: dict, merged: dict) -> None:
     """The adapter's vlmtune.json (family, masking, system prompt: what predict needs) plus how it was merged."""
-    (folder / METADATA_FILE).write_text(json.dumps({**meta, "merged": merged}, indent=2) + "\n", encoding="utf-8")
+    write_metadata(folder, {**meta, "merged": merged})
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
