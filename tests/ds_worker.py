@@ -25,7 +25,9 @@ PROBE_IDS = [[1, 5, 9, 13, 17, 21, 25, 29]]
 
 
 def install_probes(probe_dir: Path) -> None:
-    from vlmtune import distributed, modeling, training
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from vlmtune import distributed, training
     from vlmtune.data import dataset
 
     record = {"sources": [], "forwards": [], "dummy_calls": 0}
@@ -40,7 +42,7 @@ def install_probes(probe_dir: Path) -> None:
 
     dataset.VisionTransform.__call__ = transform
 
-    original_keep = distributed.keep_vision_in_step
+    original_keep = training.keep_vision_in_step
 
     def keep(model, family, processor):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -55,7 +57,7 @@ def install_probes(probe_dir: Path) -> None:
         hooks["vision"] = original_keep(model, family, processor)
         return hooks["vision"]
 
-    distributed.keep_vision_in_step = keep
+    training.keep_vision_in_step = keep
 
     if os.environ.get("VLMTUNE_PROBE_SEQUENTIAL") == "1":
         original_config = training.sft_config
@@ -67,7 +69,7 @@ def install_probes(probe_dir: Path) -> None:
 
         training.sft_config = sft_config
 
-    original_gather = distributed.gathered_adapter_state
+    original_gather = training.gathered_adapter_state
 
     def gather(model):
         model.eval()
@@ -78,7 +80,7 @@ def install_probes(probe_dir: Path) -> None:
             torch.save(logits, probe_dir / "logits.pt")
         record["dummy_calls"] = hooks["vision"].calls if hooks.get("vision") else 0
         record["world_size"] = distributed.world_size()
-        record["zero3"] = modeling.zero3_enabled()
+        record["zero3"] = is_deepspeed_zero3_enabled()
         from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import deepspeed_config
 
@@ -87,7 +89,7 @@ def install_probes(probe_dir: Path) -> None:
         (probe_dir / f"rank{rank}.json").write_text(json.dumps(record))
         return original_gather(model)
 
-    distributed.gathered_adapter_state = gather
+    training.gathered_adapter_state = gather
 
 
 def main() -> int:

@@ -193,6 +193,7 @@ wandb: true
     ("data: {train: x}\n", "model.name_or_path: is required"),
     (": : :", "not valid YAML"),
     ("- a\n- b\n", "must be a mapping of sections"),
+    ("model: {name_or_path: a/b}\ndata: {train: x, min_pixels: 0}", "data.min_pixels: must be > 0, got 0"),  # floor: family
     ("model: {name_or_path: a/b}\ntrain: {eval_steps: 10}\ndata: {train: x}", "train.eval_steps: needs data.eval"),
     ("model: {name_or_path: a/b, family: llama}\ndata: {train: x}", "model.family: must be auto or one of"),
     ("model: {name_or_path: a/b}\ndata: {train: x}\nlora: {train_projector: maybe}",

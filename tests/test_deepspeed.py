@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vlmtune
-from vlmtune import deepspeed_config as dsc
+from vlmtune.distributed import deepspeed as dsc
+from vlmtune.modeling import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
@@ -164,24 +165,95 @@ def test_a_config_file_next_to_the_recipe_is_found(tmp_path):
     assert r.distributed.deepspeed == str(tmp_path / "ds.json")
 
 
-def test_model_level_refusals(monkeypatch):
-    from vlmtune.distributed import check_distributed
-    from vlmtune.families import get
+CPU_FP32 = Runtime("cpu", torch.float32, "sdpa")
 
-    family = get("qwen2_vl")
+
+def refusals(overrides: dict, model_config, runtime=CPU_FP32) -> list[str]:
+    return [str(e) for e in dsc.for_run(recipe(**overrides), runtime, model_config, world_size=1)[1]]
+
+
+def test_model_level_refusals():
     cfg = SimpleNamespace(model_type="qwen2_vl", quantization_config={"quant_method": "awq"},
                           text_config=SimpleNamespace(hidden_size=64))
-    errs = [str(e) for e in check_distributed(recipe(**{"distributed.deepspeed": "zero3"}), cfg, family)]
-    assert any("pre-quantized checkpoint (awq)" in e for e in errs)
-    assert check_distributed(recipe(**{"distributed.deepspeed": "zero2"}), cfg, family) == []
+    assert any("pre-quantized checkpoint (awq)" in e for e in refusals({"distributed.deepspeed": "zero3"}, cfg))
+    assert refusals({"distributed.deepspeed": "zero2"}, cfg) == []
     plain = SimpleNamespace(model_type="qwen2_vl", text_config=SimpleNamespace(hidden_size=64))
-    r = recipe(**{"distributed.deepspeed": "zero3", "quantization.mode": "4bit",
-                  "quantization.compute_dtype": "bfloat16"})  # on a CPU the model runs in float32
-    errs = [str(e) for e in check_distributed(r, plain, family)]
-    assert any(e.startswith("quantization.compute_dtype: must equal the model dtype (float32)") for e in errs)
-    r = recipe(**{"distributed.deepspeed": "zero3", "quantization.mode": "4bit",
-                  "quantization.compute_dtype": "float32"})
-    assert check_distributed(r, plain, family) == []
+    qlora3 = {"distributed.deepspeed": "zero3", "quantization.mode": "4bit", "quantization.compute_dtype": "bfloat16"}
+    assert any(e.startswith("quantization.compute_dtype: must equal the model dtype (float32)")
+               for e in refusals(qlora3, plain))
+    assert refusals(qlora3, plain, Runtime("cuda", torch.bfloat16, "sdpa")) == []
+    assert refusals({**qlora3, "quantization.compute_dtype": "float32"}, plain) == []
+
+
+def test_the_run_config_is_filled_and_validated_once_for_the_plan(tmp_path):
+    """One reading of the preset or file, every recipe-driven `auto` filled from the recipe, the runtime, the model's
+    hidden size and the number of processes; the plan carries it and the Trainer's arguments get it as it is."""
+    model = SimpleNamespace(model_type="qwen2_vl", text_config=SimpleNamespace(hidden_size=96))
+    r = recipe(**{"distributed.deepspeed": "zero3", "train.per_device_train_batch_size": 3,
+                  "train.gradient_accumulation_steps": 5, "train.max_grad_norm": 0.5})
+    config, errs = dsc.for_run(r, Runtime("cuda", torch.bfloat16, "sdpa"), model, world_size=4)
+    assert errs == [] and dsc.remaining_autos(config) == []
+    assert config["train_batch_size"] == 4 * 3 * 5 and config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["zero_optimization"]["reduce_bucket_size"] == 96 * 96
+    assert dsc.for_run(recipe(), CPU_FP32, model, world_size=1) == (None, [])
+    plan = vlmtune.plan(recipe(**{"distributed.deepspeed": "zero3", "train.max_steps": 1, "train.use_cpu": True}))
+    hidden = plan.model_config.text_config.hidden_size
+    assert plan.zero_stage == 3 and plan.world_size == 1
+    assert plan.deepspeed["zero_optimization"]["reduce_bucket_size"] == hidden * hidden
+    assert plan.deepspeed["bf16"]["enabled"] is False and plan.deepspeed["train_batch_size"] == 8  # CPU, 1 x 1 x 8
+    assert vlmtune.plan(recipe(**{"train.max_steps": 1, "train.use_cpu": True})).deepspeed is None
+
+
+def test_building_the_plan_and_the_trainer_arguments_leaves_the_environment_alone(monkeypatch, tmp_path):
+    """Only prepare_deepspeed_process sets process-wide state; the plan and the SFT config do not."""
+    import trl  # noqa: F401 (imported first: importing it sets variables of its own, e.g. torch's inductor cache)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from vlmtune.training import sft_config
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    r = recipe(**{"distributed.deepspeed": "zero3", "train.max_steps": 1, "train.use_cpu": True})
+    calls = []
+    for name in ("load", "validate"):  # the run's config: read and validated once, for the plan
+        real = getattr(dsc, name)
+        monkeypatch.setattr(dsc, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    before = dict(os.environ)
+    plan = vlmtune.plan(r)
+    args = sft_config(plan, tmp_path / "ckpt")
+    assert dict(os.environ) == before
+    assert calls == ["load", "validate"]
+    assert args.deepspeed == plan.deepspeed and not torch.distributed.is_initialized()
+    del args  # transformers registers the arguments' DeepSpeed config only while they live
+    assert not is_deepspeed_zero3_enabled()
+
+
+def test_the_one_step_that_sets_process_state(monkeypatch):
+    """prepare_deepspeed_process: a one-member process group's environment (values already set stay), DeepSpeed's
+    communication joined, and the Hugging Face ZeRO-3 config registered while the returned object lives."""
+    import deepspeed
+    from deepspeed import comm
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from vlmtune.distributed import prepare_deepspeed_process
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # remembered, so that what the step sets is removed afterwards
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MASTER_PORT", "6123")
+    joined = []
+    monkeypatch.setattr(comm, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: joined.append(kw))
+    r = recipe(**{"distributed.deepspeed": "zero3"})
+    assert prepare_deepspeed_process(SimpleNamespace(recipe=r, deepspeed=None)) is None and not joined
+    config, _ = dsc.for_run(r, CPU_FP32, SimpleNamespace(hidden_size=64), world_size=1)
+    registered = prepare_deepspeed_process(SimpleNamespace(recipe=r, deepspeed=config))
+    assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == \
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "6123"}
+    assert joined == [{"auto_mpi_discovery": False}] and is_deepspeed_zero3_enabled()
+    del registered
+    assert not is_deepspeed_zero3_enabled()
 
 
 def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype():
@@ -189,10 +261,10 @@ def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype():
     from vlmtune.modeling import quantization_config
 
     family = get("qwen2_vl")
-    q3 = quantization_config(recipe(**{"quantization.mode": "4bit", "distributed.deepspeed": "zero3",
-                                       "quantization.compute_dtype": "float32"}), family)
+    q3 = quantization_config(recipe(**{"quantization.mode": "4bit", "quantization.compute_dtype": "float32"})
+                             .quantization, family, zero_stage=3)
     assert q3.bnb_4bit_quant_storage == torch.float32
-    q2 = quantization_config(recipe(**{"quantization.mode": "4bit", "distributed.deepspeed": "zero2"}), family)
+    q2 = quantization_config(recipe(**{"quantization.mode": "4bit"}).quantization, family, zero_stage=2)
     assert q2.bnb_4bit_quant_storage == torch.uint8  # ZeRO-2 does not partition weights: bitsandbytes' default
 
 
@@ -341,6 +413,5 @@ def test_videos_under_zero3_are_refused_before_training():
 
     data = PreparedData(examples=[Example([1], [1], [], [], "d.jsonl:1"),
                                   Example([1], [1], [], [], "d.jsonl:2", videos=[object()])])
-    assert "use distributed.deepspeed=zero2" in _zero3_video_problems(recipe(**{"distributed.deepspeed": "zero3"}),
-                                                                       {"train": data})[0]
-    assert _zero3_video_problems(recipe(**{"distributed.deepspeed": "zero2"}), {"train": data}) == []
+    assert "use distributed.deepspeed=zero2" in _zero3_video_problems(3, {"train": data})[0]
+    assert _zero3_video_problems(2, {"train": data}) == [] and _zero3_video_problems(0, {"train": data}) == []

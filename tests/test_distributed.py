@@ -15,6 +15,7 @@ from PIL import Image
 
 import vlmtune
 from vlmtune import distributed, families
+from vlmtune.distributed import launch
 from vlmtune.errors import VlmtuneError
 
 from .conftest import FAMILIES
@@ -32,6 +33,14 @@ def recipe(**overrides):
     return vlmtune.load_recipe(None, overrides=base)
 
 
+@pytest.fixture(params=[0, 2], ids=["cpu-only", "2-gpus"])
+def gpus(request, monkeypatch) -> int:
+    """The machine as the launcher code sees it: no GPU, or two (so no assertion depends on the machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: request.param > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: request.param)
+    return request.param
+
+
 # ------------------------------------------------------------------ launcher detection
 def test_a_process_started_by_a_launcher_is_recognised():
     assert distributed.under_launcher(TORCHRUN_ENV)
@@ -42,20 +51,22 @@ def test_a_process_started_by_a_launcher_is_recognised():
     assert not distributed.is_main_process(TORCHRUN_ENV) and distributed.is_main_process({})
 
 
-def test_when_vlmtune_launches_itself():
+def test_when_vlmtune_launches_itself(gpus):
     two = recipe(**{"distributed.num_processes": 2})
     assert distributed.needs_launch(two, NO_LAUNCHER)
     assert not distributed.needs_launch(two, TORCHRUN_ENV)  # already one of the launched processes
     assert not distributed.needs_launch(recipe(), NO_LAUNCHER)
     assert distributed.needs_launch(recipe(**{"distributed.num_nodes": 2, "distributed.master_addr": "10.0.0.1"}),
                                     NO_LAUNCHER)
-    if not torch.cuda.is_available():  # "every local GPU" is one process on a CPU-only machine
-        assert distributed.processes_per_node(recipe(**{"distributed.deepspeed": "zero3"})) == 1
-        assert not distributed.needs_launch(recipe(**{"distributed.deepspeed": "zero3"}), NO_LAUNCHER)
+    zero3 = recipe(**{"distributed.deepspeed": "zero3"})  # DeepSpeed: every local GPU, one process without one
+    assert distributed.processes_per_node(zero3) == max(gpus, 1)
+    assert distributed.needs_launch(zero3, NO_LAUNCHER) == (gpus > 1)
+    assert distributed.processes_per_node(recipe(**{"distributed.deepspeed": "zero3", "train.use_cpu": True})) == 1
+    assert distributed.processes_per_node(recipe()) == 1  # no DeepSpeed: one process unless asked for more
 
 
-def test_torchrun_command(monkeypatch):
-    monkeypatch.setattr(distributed, "free_port", lambda: 41234)
+def test_torchrun_command(monkeypatch, gpus):
+    monkeypatch.setattr(launch, "free_port", lambda: 41234)
     r = recipe(**{"distributed.num_processes": 2, "distributed.deepspeed": "zero2"})
     cmd = distributed.launch_command(r, ["sft", "r.yaml", "distributed.num_processes=2"], env={})
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -66,7 +77,9 @@ def test_torchrun_command(monkeypatch):
     assert wrapped[8:] == ["/x/train.py", "sft", "r.yaml"]
 
 
-def test_multi_node_rendezvous_from_recipe_or_environment():
+def test_multi_node_rendezvous_from_recipe_or_environment(gpus, monkeypatch):
+    if gpus:  # four processes per node need four GPUs
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     r = recipe(**{"distributed.num_processes": 4, "distributed.num_nodes": 2})
     with pytest.raises(VlmtuneError, match="master_addr"):
         distributed.launch_command(r, ["sft"], env={})
@@ -79,7 +92,7 @@ def test_multi_node_rendezvous_from_recipe_or_environment():
     assert "--node_rank=0" in cmd and "--master_addr=node0" in cmd and "--master_port=6000" in cmd
 
 
-def test_deepspeed_and_accelerate_commands(tmp_path):
+def test_deepspeed_and_accelerate_commands(tmp_path, gpus):
     hosts = tmp_path / "hosts"
     hosts.write_text("node0 slots=8\nnode1 slots=8\n")
     r = recipe(**{"distributed.deepspeed": "zero3", "distributed.hostfile": str(hosts),
@@ -95,6 +108,7 @@ def test_deepspeed_and_accelerate_commands(tmp_path):
     r = recipe(**{"distributed.launcher": "accelerate", "distributed.num_processes": 2})
     cmd = distributed.launch_command(r, ["sft"], env={})
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--num_processes=2" in cmd
+    assert ("--multi_gpu" if gpus else "--cpu") in cmd
     assert cmd[-3:] == ["-m", "vlmtune.cli", "sft"]
 
 
@@ -120,7 +134,7 @@ def test_cli_relaunches_itself_once(monkeypatch, capsys):
     for key in TORCHRUN_ENV:
         monkeypatch.delenv(key, raising=False)
     ran = []
-    monkeypatch.setattr(distributed.subprocess, "run", lambda cmd, check: ran.append(cmd) or SimpleNamespace(returncode=7))
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, check: ran.append(cmd) or SimpleNamespace(returncode=7))
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("the launching process must not train"))
     args = ["sft", str(ROOT / "recipes" / "tiny-demo.yaml"), "distributed.num_processes=2"]
     assert cli.main(args) == 7  # the launcher's exit status

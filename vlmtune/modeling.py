@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import families
-from .config import FieldError, Recipe
+from .config import FieldError, LoraConfig, QuantizationConfig, Recipe
 from .errors import VlmtuneError
 from .families import Family
 
@@ -190,18 +190,17 @@ def pixel_bounds(processor, family: Family) -> dict | None:
     return {"min_pixels": low, "max_pixels": high}
 
 
-def quantization_config(recipe: Recipe, family: Family):
-    q = recipe.quantization
+def quantization_config(q: QuantizationConfig, family: Family, zero_stage: int = 0):
+    """The bitsandbytes config of the recipe's quantization section (None: full precision); `zero_stage`: the
+    run's ZeRO stage (the plan's), which decides how the 4-bit weights are stored."""
     if q.mode == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.skip_quantization))
-    from .deepspeed_config import stage_of
-
     extra = {}
-    if recipe.distributed.deepspeed != "none" and stage_of(recipe.distributed.deepspeed) == 3:
+    if zero_stage == 3:
         # ZeRO-3 flattens and partitions the packed 4-bit weights with every other weight: same storage dtype
         extra["bnb_4bit_quant_storage"] = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(
@@ -214,32 +213,26 @@ def quantization_config(recipe: Recipe, family: Family):
     )
 
 
-def load_base_model(recipe: Recipe, family: Family, runtime: Runtime):
-    m = recipe.model
+def load_base_model(plan):
+    """The plan's base model (`plan`: a preflight.Plan), in its runtime's dtype and attention, quantized as the
+    recipe says. Under ZeRO-3 the weights are partitioned as they load: distributed.prepare_deepspeed_process
+    must have run."""
+    m, runtime = plan.recipe.model, plan.runtime
     kwargs = dict(dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, revision=m.revision,
                   trust_remote_code=m.trust_remote_code)
-    quant = quantization_config(recipe, family)
+    quant = quantization_config(plan.recipe.quantization, plan.family, plan.zero_stage)
     if quant is not None:
         kwargs["quantization_config"] = quant
         # each process its own GPU (a launcher sets LOCAL_RANK). Under ZeRO-3 transformers refuses a device_map;
         # it loads quantized weights without zero.Init (on the current GPU) and DeepSpeed partitions them later
-        if not zero3_enabled():
+        if plan.zero_stage != 3:
             local = int(os.environ.get("LOCAL_RANK", "-1"))
             device = (local if local >= 0 else torch.cuda.current_device()) if runtime.device == "cuda" else "cpu"
             kwargs["device_map"] = {"": device}
-    model = family.load_class().from_pretrained(resolve_model_path(m.name_or_path), **kwargs)
+    model = plan.family.load_class().from_pretrained(plan.model_path, **kwargs)
     if quant is not None and runtime.device == "cpu":
         _disable_cpu_4bit_repacking(model)
     return model
-
-
-def zero3_enabled() -> bool:
-    """A DeepSpeed ZeRO-3 config is active for this process (set up by the trainer arguments)."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return False
-    return is_deepspeed_zero3_enabled()
 
 
 def _disable_cpu_4bit_repacking(model) -> None:
@@ -249,9 +242,8 @@ def _disable_cpu_4bit_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_targets(model, family: Family, recipe: Recipe) -> str:
+def lora_targets(model, family: Family, lo: LoraConfig) -> str:
     """A PEFT `target_modules` regex naming exactly the chosen linear layers, layer indices generalised."""
-    lo = recipe.lora
     names = set(lo.target_modules or family.default_lora_targets)
     chosen = []
     available = set()
@@ -278,20 +270,23 @@ def lora_targets(model, family: Family, recipe: Recipe) -> str:
     return "^(?:" + "|".join(patterns) + ")$"
 
 
-def attach_lora(model, family: Family, recipe: Recipe, runtime: Runtime):
-    from peft import LoraConfig, get_peft_model
+def attach_lora(model, plan):
+    """The model with the recipe's LoRA adapter on the chosen layers (`plan`: a preflight.Plan)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    lo = recipe.lora
-    if recipe.quantization.mode != "none":
-        prepare_quantized(model, recipe.train.gradient_checkpointing)
-    targets = lora_targets(model, family, recipe)
+    r = plan.recipe
+    lo = r.lora
+    if r.quantization.mode != "none":
+        prepare_quantized(model, r.train.gradient_checkpointing)
+    targets = lora_targets(model, plan.family, lo)
     if not targets:
-        wanted = ", ".join(lo.target_modules or family.default_lora_targets)
+        wanted = ", ".join(lo.target_modules or plan.family.default_lora_targets)
         raise VlmtuneError(f"lora.target_modules: no linear layer of the model is named {wanted}; "
-                         "list the layer names of this model's language model")
-    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
-                        modules_to_save=lo.modules_to_save or None, use_rslora=lo.use_rslora,
-                        task_type="CAUSAL_LM", bias="none")
+                           "list the layer names of this model's language model")
+    config = PeftLoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                            modules_to_save=lo.modules_to_save or None, use_rslora=lo.use_rslora,
+                            task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, config)
 
 

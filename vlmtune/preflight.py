@@ -1,4 +1,7 @@
-"""Everything checked before a GPU minute is spent: recipe, model, machine, and every data row."""
+"""Everything checked before a GPU minute is spent: recipe, model, machine, and every data row.
+
+The recipe is resolved here once (`resolve`: family, runtime, the filled DeepSpeed config, the number of
+processes, the model's path) into the `Plan` that model loading and the trainer set-up read."""
 
 from __future__ import annotations
 
@@ -9,37 +12,64 @@ from .config import FieldError, Recipe
 from .data.formats import reader_options
 from .data.formatting import Formatter
 from .data.prepare import PreparedData, prepare
+from .distributed.deepspeed import for_run as deepspeed_for_run
+from .distributed.deepspeed import zero_stage
+from .distributed.launch import planned_world_size
 from .errors import PreflightError
 from .families import Family
-from .modeling import Runtime, check_model, load_processor, runtime_for
+from .modeling import Runtime, check_model, load_processor, resolve_model_path, runtime_for
 
 
 @dataclass
-class Plan:
-    """A checked run: the pieces training needs, with the data already formatted."""
+class Resolved:
+    """The recipe resolved once, before any data is read; what the model loading and the trainer read instead of
+    deriving it from the recipe again."""
 
     recipe: Recipe
     model_config: object
     family: Family
+    runtime: Runtime  # device, dtype, attention kernel
+    model_path: str  # where the weights are read: a hub id, an absolute folder, a built-in model's cache folder
+    deepspeed: dict | None  # the DeepSpeed config, every `auto` the recipe decides filled and validated; None: none
+    world_size: int  # processes of the run
     processor: object
-    runtime: Runtime
     formatter: Formatter
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.deepspeed) if self.deepspeed is not None else 0
+
+
+@dataclass
+class Plan(Resolved):
+    """A checked run: the resolved recipe and its data, already formatted."""
+
     train: PreparedData
     eval: PreparedData | None
 
 
-def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
-    """Model config, family and formatter (processor inside) for a recipe; PreflightError if the model is wrong."""
+def resolve(recipe: Recipe) -> Resolved:
+    """Model, family, runtime, DeepSpeed config and processor for a recipe; PreflightError listing every problem."""
     errors, model_config, family = check_model(recipe)
     errors.extend(reporting_errors(recipe))
+    world = planned_world_size(recipe)
+    runtime = deepspeed = None
     if family is not None:
-        from .distributed import check_distributed
-
-        errors.extend(check_distributed(recipe, model_config, family))
+        runtime = runtime_for(recipe, family)
+        deepspeed, problems = deepspeed_for_run(recipe, runtime, model_config, world)
+        errors.extend(problems)
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe, family)
-    return model_config, family, Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+    formatter = Formatter(family, processor, recipe.data.train_on, recipe.data.system_prompt)
+    return Resolved(recipe, model_config, family, runtime, resolve_model_path(recipe.model.name_or_path), deepspeed,
+                    world, processor, formatter)
+
+
+def formatting_for(recipe: Recipe) -> tuple[object, Family, Formatter]:
+    """Model config, family and formatter (processor inside) for a recipe; PreflightError if the model is wrong."""
+    r = resolve(recipe)
+    return r.model_config, r.family, r.formatter
 
 
 _PIP_NAMES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
@@ -91,14 +121,13 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
 
 
 def plan_run(recipe: Recipe) -> Plan:
-    """Check model and machine, read and format all data; raise PreflightError listing every problem."""
-    model_config, family, formatter = formatting_for(recipe)
-    splits, problems = check_data(recipe, family, formatter, images_checked_here(recipe))
-    problems.extend(_zero3_video_problems(recipe, splits))
+    """Resolve the recipe, read and format all data; raise PreflightError listing every problem."""
+    resolved = resolve(recipe)
+    splits, problems = check_data(recipe, resolved.family, resolved.formatter, images_checked_here(recipe))
+    problems.extend(_zero3_video_problems(resolved.zero_stage, splits))
     if problems:
         raise PreflightError(problems)
-    return Plan(recipe, model_config, family, formatter.processor, runtime_for(recipe, family), formatter,
-                splits["train"], splits.get("eval"))
+    return Plan(**vars(resolved), train=splits["train"], eval=splits.get("eval"))
 
 
 def images_checked_here(recipe: Recipe) -> str:
@@ -109,15 +138,10 @@ def images_checked_here(recipe: Recipe) -> str:
     return recipe.data.check_images if int(os.environ.get("LOCAL_RANK", "0")) <= 0 else "header"
 
 
-def _zero3_video_problems(recipe: Recipe, splits: dict[str, PreparedData]) -> list[str]:
+def _zero3_video_problems(zero_stage: int, splits: dict[str, PreparedData]) -> list[str]:
     """Videos under ZeRO-3: a batch with images and videos runs the vision tower twice, a batch with only one of
     them once, so ranks would gather weights a different number of times and hang. Refused until handled."""
-    spec = recipe.distributed.deepspeed
-    if spec == "none":
-        return []
-    from .deepspeed_config import stage_of
-
-    if stage_of(spec) != 3:
+    if zero_stage != 3:
         return []
     return [f"data.{split}: {sum(1 for e in data.examples if e.videos)} rows hold videos, which ZeRO-3 does not "
             "support yet (ranks could run the vision tower a different number of times and hang); use "

@@ -16,6 +16,9 @@ from . import __version__
 from .config import Recipe, dump
 from .data.collator import collator_for
 from .data.dataset import to_dataset
+from .distributed.launch import is_main_process
+from .distributed.process import prepare_deepspeed_process
+from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
 from .errors import VlmtuneError
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
@@ -34,19 +37,17 @@ def default_num_workers() -> int:
     return max(0, min(4, cpus - 1))
 
 
-def sft_config(recipe: Recipe, plan: Plan, checkpoint_dir: Path):
+def sft_config(plan: Plan, checkpoint_dir: Path):
+    """The Trainer's arguments for a plan. Sets no process-wide state of vlmtune's own (prepare_deepspeed_process
+    does, first); transformers registers the DeepSpeed config it is given, for as long as the arguments live."""
     from trl import SFTConfig
 
-    t, d = recipe.train, recipe.data
+    t, d = plan.recipe.train, plan.recipe.data
     workers = d.num_workers if d.num_workers is not None else default_num_workers()
     on_gpu = plan.runtime.device == "cuda"
     has_eval = plan.eval is not None and len(plan.eval.examples) > 0
-    from .distributed import deepspeed_for_run
-
-    # before the model loads: under ZeRO-3 from_pretrained partitions the weights as it reads them (zero.Init)
-    ds_config = deepspeed_for_run(recipe, plan.runtime, plan.model_config)
     return SFTConfig(
-        deepspeed=ds_config,
+        deepspeed=plan.deepspeed,
         **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_train_epochs,
@@ -94,21 +95,16 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
-    from .distributed import keep_vision_in_step, world_size
-    from .modeling import zero3_enabled
-
     recipe = plan.recipe
-    args = sft_config(recipe, plan, checkpoint_dir)  # first: a DeepSpeed config must exist before the model loads
-    if args.deepspeed:
-        from .distributed import init_deepspeed_comm
-
-        init_deepspeed_comm()
+    deepspeed = prepare_deepspeed_process(plan)  # the one step that sets process-wide state: see its docstring
+    args = sft_config(plan, checkpoint_dir)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # LoRA's random init happens before the Trainer seeds anything
-    model = load_base_model(recipe, plan.family, plan.runtime)
-    model = attach_lora(model, plan.family, recipe, plan.runtime)
-    if zero3_enabled() or world_size() > 1:  # every rank runs the vision tower once per forward
+    model = load_base_model(plan)
+    del deepspeed  # loaded: from here on the Trainer's arguments keep their own DeepSpeed config registered
+    model = attach_lora(model, plan)
+    if plan.zero_stage == 3 or plan.world_size > 1:  # every rank runs the vision tower once per forward
         keep_vision_in_step(model, plan.family, plan.processor)
     report = trainable_report(model, plan.family)
     log(format_report(report))
@@ -172,16 +168,10 @@ def metadata(plan: Plan) -> dict:
                  "caption_prompt": getattr(r.data, "caption_prompt", None)},
         "system_prompt": r.data.system_prompt,
         "max_length": r.data.max_length,
-        "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": _world_size()},
+        "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": plan.world_size},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__},
     }
-
-
-def _world_size() -> int:
-    from .distributed import world_size
-
-    return world_size()
 
 
 def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
@@ -189,7 +179,6 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
 
     overwrite: replace a run already in output_dir (it stays whole until the new one is complete)."""
     from . import checkpoints, run_folder
-    from .distributed import gathered_adapter_state, is_main_process
 
     if not is_main_process():  # only rank 0 reports
         log = _quiet

@@ -1,34 +1,35 @@
-"""Recipe checks of the distributed section and of what DeepSpeed cannot run with the chosen quantization."""
+"""Recipe checks of the distributed section, and of what DeepSpeed cannot run with the chosen quantization."""
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
 
-from .errors import FieldError
+from ..errors import FieldError
 
 
 def distributed_errors(recipe, check_paths: bool) -> list[FieldError]:
     """The distributed section of a `config.Recipe`, and the combinations with quantization DeepSpeed cannot run."""
-    from . import deepspeed_config
+    # imported here, not above: vlmtune.distributed imports torch, which `import vlmtune` does not
+    from ..distributed import deepspeed as dsc
 
     errs: list[FieldError] = []
     dist, q = recipe.distributed, recipe.quantization
     ds = dist.deepspeed
-    presets = ", ".join(deepspeed_config.PRESET_NAMES)
+    presets = ", ".join(dsc.PRESET_NAMES)
     config = None
-    if deepspeed_config.is_preset(ds):
-        config = deepspeed_config.load(ds)
+    if dsc.is_preset(ds):
+        config = dsc.load(ds)
     elif ds != "none":
         if not ds.endswith(".json"):
-            close = difflib.get_close_matches(ds, deepspeed_config.PRESET_NAMES, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(ds, dsc.PRESET_NAMES, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             errs.append(FieldError("distributed.deepspeed", f"must be none, {presets} or the path of a DeepSpeed "
                                    f"JSON config, got {repr(ds)}{hint}"))
         elif check_paths:
             try:
-                config = deepspeed_config.load(ds)
-            except deepspeed_config.DeepSpeedConfigError as e:
+                config = dsc.load(ds)
+            except dsc.DeepSpeedConfigError as e:
                 errs.append(FieldError("distributed.deepspeed", str(e)))
     if dist.node_rank is not None and dist.node_rank >= max(dist.num_nodes, 1):  # below 0: BOUNDS
         errs.append(FieldError("distributed.node_rank", f"must be in [0, num_nodes={dist.num_nodes}), got {dist.node_rank}"))
@@ -49,8 +50,8 @@ def distributed_errors(recipe, check_paths: bool) -> list[FieldError]:
         errs.append(FieldError("distributed.launcher", "deepspeed needs distributed.deepspeed set (zero2, zero3, ...); "
                                "plain data parallel runs under torchrun"))
     if config is not None:
-        stage = deepspeed_config.zero_stage(config)
-        offload = deepspeed_config.offloads(config)
+        stage = dsc.zero_stage(config)
+        offload = dsc.offloads(config)
         if stage == 3 and q.mode == "8bit":
             errs.append(FieldError("quantization.mode", "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; "
                                    "use quantization.mode=4bit (QLoRA) or distributed.deepspeed=zero2"))

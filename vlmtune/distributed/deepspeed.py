@@ -21,6 +21,9 @@
 The presets carry no `optimizer` or `scheduler` block: the Trainer builds the recipe's own (`train.optim`,
 `train.lr_scheduler_type`), and DeepSpeed wraps it. With optimizer offload that client optimizer runs on
 the CPU copies of the (LoRA-sized) trainable weights, which `zero_force_ds_cpu_optimizer: false` allows.
+
+`for_run` is the one place a run's config is filled and validated (recipe validation only reads it, for its
+stage and offloads); the run's plan holds the result.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+
+import torch
+
+from ..errors import FieldError
 
 AUTO = "auto"
 
@@ -89,11 +96,6 @@ class DeepSpeedConfigError(ValueError):
     pass
 
 
-def shipped_dir() -> Path:
-    """recipes/deepspeed in a source checkout: the presets as JSON files, to copy and edit."""
-    return Path(__file__).resolve().parents[1] / "recipes" / "deepspeed"
-
-
 def is_preset(spec: str) -> bool:
     return spec in PRESETS
 
@@ -124,14 +126,6 @@ def zero_stage(config: dict) -> int:
     try:
         return int(zero.get("stage", 0))
     except (TypeError, ValueError):
-        return 0
-
-
-def stage_of(spec: str) -> int:
-    """The ZeRO stage a preset or config file asks for (0 if it cannot be read: validation says why)."""
-    try:
-        return zero_stage(load(spec))
-    except DeepSpeedConfigError:
         return 0
 
 
@@ -266,5 +260,43 @@ def hidden_size_of(model_config) -> int | None:
     return None
 
 
-def describe(spec: str) -> str:
-    return spec if spec in PRESETS else f"{spec} (ZeRO-{stage_of(spec)})"
+def for_run(recipe, runtime, model_config, world_size: int) -> tuple[dict | None, list[FieldError]]:
+    """The run's DeepSpeed config, read, filled and validated once (None without DeepSpeed), and everything the
+    recipe's DeepSpeed set-up cannot do with this model on this machine (`recipe`: a config.Recipe;
+    `runtime`: the modeling.Runtime the run will use; `world_size`: how many processes it will have)."""
+    d, q, t = recipe.distributed, recipe.quantization, recipe.train
+    if d.deepspeed == "none":
+        return None, []
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        return None, [FieldError("distributed.deepspeed", f"needs the deepspeed package, which cannot be imported "
+                                 f"({e}): DS_BUILD_OPS=0 pip install 'vlmtune[gpu]'")]
+    try:
+        raw = load(d.deepspeed)
+    except DeepSpeedConfigError as e:
+        return None, [FieldError("distributed.deepspeed", str(e))]
+    errs: list[FieldError] = []
+    stage = zero_stage(raw)
+    pre_quantized = getattr(model_config, "quantization_config", None)
+    if pre_quantized is not None and stage == 3:
+        method = pre_quantized.get("quant_method", "?") if isinstance(pre_quantized, dict) else \
+            getattr(pre_quantized, "quant_method", "?")
+        errs.append(FieldError("distributed.deepspeed", f"{recipe.model.name_or_path} is a pre-quantized checkpoint "
+                               f"({method}); ZeRO-3 cannot partition its packed weights: use zero2, or the "
+                               "full-precision checkpoint with quantization.mode=4bit"))
+    if q.mode == "4bit" and stage == 3 and getattr(torch, q.compute_dtype) != runtime.dtype:
+        errs.append(FieldError("quantization.compute_dtype", f"must equal the model dtype "
+                               f"({str(runtime.dtype).removeprefix('torch.')}) under ZeRO-3: the 4-bit weights are "
+                               "stored in the compute dtype (bnb_4bit_quant_storage) so that DeepSpeed can "
+                               "partition them with every other weight"))
+    gpu = runtime.device == "cuda"
+    values = auto_values(
+        world_size=world_size, micro_batch=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm, bf16=runtime.dtype == torch.bfloat16 and gpu,
+        fp16=runtime.dtype == torch.float16 and gpu, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        hidden_size=hidden_size_of(model_config))
+    config = fill_autos(raw, values)
+    problems = mismatches(raw, values) + validate(config, world_size=world_size)
+    errs.extend(FieldError("distributed.deepspeed", p) for p in problems)
+    return config, errs
