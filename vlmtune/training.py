@@ -22,7 +22,8 @@ from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
 from .errors import VlmtuneError
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
-from .run_folder import METADATA_FILE, RESULTS_FILE, STAGING_PREFIX  # noqa: F401 (METADATA_FILE: read elsewhere)
+from .run_folder import RESULTS_FILE, STAGING_PREFIX
+from .run_metadata import remove_metadata, write_metadata
 
 
 @dataclass
@@ -274,16 +275,14 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             meta = metadata(plan)
             names = sorted(p.name for p in staging.iterdir())
             note_moving(out, names)  # a kill in the moves below leaves them known as the run's own
-            (out / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is written again
+            remove_metadata(out)  # the folder is incomplete until it is written again
             meta["files"] = names  # what this run wrote: --overwrite refuses to delete anything else
             for name in names:
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
                 os.replace(staging / name, target)
-            meta_tmp = out / f".{METADATA_FILE}.tmp"
-            meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            os.replace(meta_tmp, out / METADATA_FILE)
+            write_metadata(out, meta)
             done_moving(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
