@@ -8,6 +8,7 @@ tiny LLaVA-NeXT processor, whose Llama-style tokenizer gets the Llama-3 special 
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 
 import pytest
@@ -75,7 +76,7 @@ def test_a_reply_is_followed_by_exactly_one_end_token(variant, images):
     out = Formatter(family, processor)(CASES["three_replies"](images), texts_for(family, processor,
                                                                              CASES["three_replies"](images).images))
     eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    pairs = list(zip(out.input_ids, out.input_ids[1:]))
+    pairs = list(itertools.pairwise(out.input_ids))
     assert (eot, eot) not in pairs and out.input_ids.count(eot) == 6  # three questions, three replies
 
 
