@@ -55,7 +55,7 @@ class DataConfig:
     max_pixels: int | None = None
     video_fps: float = 2.0  # frames sampled per second of video (a frame list is taken as sampled at this rate)
     video_max_frames: int = 32  # at most this many frames per video (the count is padded to an even number)
-    video_min_pixels: int | None = None  # per-frame pixel bounds of videos; None: the processor's
+    video_min_pixels: int | None = None  # pixel bounds of videos as the family's video processor applies them; None: its own
     video_max_pixels: int | None = None
     train_on: str = "assistant"
     system_prompt: str | None = None
