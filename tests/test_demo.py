@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlmtune import demo
+from vlmtune.families import qwen2_vl
 
 from . import conftest
 
@@ -106,8 +107,11 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("name", sorted(n for n, f in demo.BUILTIN_MODELS.items() if f.startswith("qwen")))
-def test_builtin_model_loads_and_runs(name, cache_dir):  # the LLaVA builtins: tests/test_families.py
+QWEN2_VL_MODULE = {f.name for f in qwen2_vl.FAMILIES}  # the builtins built by families/qwen2_vl.py
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in demo.BUILTIN_MODELS.items() if f in QWEN2_VL_MODULE))
+def test_builtin_model_loads_and_runs(name, cache_dir):  # every other builtin: tests/test_families.py
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
