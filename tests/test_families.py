@@ -19,12 +19,12 @@ from vlmtune.data.conversation import Conversation, Part, Turn
 from vlmtune.data.dataset import to_dataset
 from vlmtune.data.formatting import IGNORE_INDEX, Formatter
 from vlmtune.data.prepare import Example
+from vlmtune.families import llava
 
 from .conftest import BUILTIN, FAMILIES, REFERENCE
 from .test_formatting import CASES, plans_for, reference_ids, supervised_runs, texts_for, without_appended_eos
 
 SIZES = [(56, 56), (120, 40), (30, 90), (224, 168), (500, 20), (333, 250), (20, 300)]  # (width, height)
-ANYRES = ["llava_next", "llava_onevision"]
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +158,11 @@ def test_a_batch_gives_each_sample_the_loss_it_has_alone(family_name, processor_
     collate = collator_for(family, processor.tokenizer.pad_token_id)
     batch = collate(rows)
     assert [int(m.sum()) for m in batch["attention_mask"]] == [len(r["input_ids"]) for r in rows]
-    if family_name in ANYRES:  # images with different tile counts share one zero-padded tensor
-        tiles = [r["pixel_values"].shape[1] for r in rows if r.get("pixel_values") is not None]
-        assert len(set(tiles)) > 1 and batch["pixel_values"].shape[1] == max(tiles)
-        assert batch["image_sizes"].shape == (5, 2)
+    for key in family.concat_keys:  # concatenated along dim 0, every other dim zero-padded to the largest
+        parts = [r[key] for r in rows if r.get(key) is not None]
+        if parts:
+            assert batch[key].shape[0] == sum(p.shape[0] for p in parts), key
+            assert list(batch[key].shape[1:]) == [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
     batched = _per_sample_loss(model, batch)
     alone = [_per_sample_loss(model, collate([r]))[0] for r in rows]
     assert all(math.isfinite(x) for x in batched)
@@ -170,7 +171,7 @@ def test_a_batch_gives_each_sample_the_loss_it_has_alone(family_name, processor_
 
 # --- the builtin tiny LLaVA models --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family_name", [f for f in FAMILIES if f.startswith("llava")])
+@pytest.mark.parametrize("family_name", sorted(f.name for f in llava.FAMILIES))
 def test_builtin_llava_model_loads_and_runs(family_name, model_dir, model_for, processor_for, images):
     from transformers import GenerationConfig
 
@@ -337,3 +338,17 @@ def test_a_pixel_bound_below_the_familys_patch_is_refused():
                                                   "data.train": str(SHAPES / "train.jsonl")})
     (err,) = check_runtime(recipe, families.get("qwen2_vl"))
     assert err.path == "data.min_pixels" and "multiples of 28x28" in err.message and "784" in err.message
+
+
+@pytest.mark.parametrize("family_name", [f for f in FAMILIES if families.get(f).pixels is None])
+def test_shrinking_images_is_refused_where_the_family_has_no_pixel_bound(family_name):
+    import vlmtune
+    from vlmtune.modeling import check_runtime
+
+    from .test_training import SHAPES
+
+    family = families.get(family_name)
+    recipe = vlmtune.load_recipe(None, overrides={"model.name_or_path": "x/y", "data.on_overlong": "shrink_images",
+                                                  "data.train": str(SHAPES / "train.jsonl")})
+    (err,) = check_runtime(recipe, family)
+    assert err.path == "data.on_overlong" and family.size_knob in err.message

@@ -195,8 +195,7 @@ def test_system_prompt_from_recipe_replaces_the_default(family_name, processor_f
     c = conv(("user", "Hi"), ("assistant", "Hello."))
     default = "".join(t for t, _ in Formatter(family, processor).segments(c))
     custom = "".join(t for t, _ in Formatter(family, processor, system_prompt="Be brief.").segments(c))
-    if family_name in ("qwen2_vl", "qwen2_5_vl"):  # the Qwen2-VL template's default system turn (Qwen3-VL: none)
-        assert "You are a helpful assistant." in default
+    assert "Be brief." not in default
     with_system = conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."))
     assert custom == processor.apply_chat_template(template_messages(with_system.turns), tokenize=False)
     assert "Be brief." in custom and "helpful" not in custom
@@ -365,3 +364,28 @@ def test_whether_the_template_renders_tools_is_found_once_per_formatter(processo
                     formatter.pieces(with_tools)
             check = 2 if row == 0 else 0  # with and without the tools, once
             assert len(calls) == (per_row if processor is renders_tools else 0) + check
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_tokenizing_by_label_runs_gives_the_whole_texts_ids(family_name, processor_for, images):
+    """Where a token would straddle a label change the formatter tokenizes run by run; cut only there, the runs
+    give the ids of the whole text (each piece alone would not: LLaVA's ` ` + `USER:` is one token)."""
+    family, processor = families.get(family_name), processor_for(family_name)
+    formatter = Formatter(family, processor)
+    for name, case in CASES.items():
+        c = case(images)
+        pieces, _ = formatter._expand_media(formatter.pieces(c), texts_for(family, processor, c.images), [], c.source)
+        whole = formatter._tokenize_whole(pieces)
+        assert whole is not None, name
+        assert formatter._tokenize_runs(pieces) == whole, name
+
+
+def test_a_template_that_writes_no_end_token_after_a_reply_is_refused(processor_for):
+    import copy
+
+    family, processor = families.get("qwen2_vl"), copy.copy(processor_for("qwen2_vl"))
+    processor.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][0]['text'] }}"
+                               "{% if m['role'] != 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(FormatError, match=r"message 1: .*none of the end tokens of the qwen2_vl family \(<\|im_end\|>"):
+        Formatter(family, processor)(conv(("user", "Hi"), ("assistant", "Hello.")), [])

@@ -31,10 +31,10 @@ from vlmtune.data.video import (
 )
 from vlmtune.errors import VlmtuneError
 
-from .conftest import write_jsonl
+from .conftest import FAMILIES, write_jsonl
 from .test_formatting import supervised_runs
 
-QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # (qwen3_vl_moe: the same video code as qwen3_vl)
+QWEN = [f for f in FAMILIES if families.get(f).takes_video()]  # every family that takes video
 FRAME_SIZE = (90, 60)  # (width, height): 6 x 4 merged patches per temporal patch on the tiny models
 
 

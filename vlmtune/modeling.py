@@ -112,6 +112,10 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
     for key in ("video_min_pixels", "video_max_pixels"):
         if getattr(recipe.data, key) and not family.takes_video():
             errs.append(FieldError(f"data.{key}", f"{family.description} does not take video; remove it"))
+    if recipe.data.on_overlong == "shrink_images" and family.pixels is None:
+        errs.append(FieldError("data.on_overlong", f"shrink_images lowers the pixel bound of a sample's images, "
+                               f"which {family.description} does not have (its images are sized by "
+                               f"{family.size_knob or 'its image processor'}); use drop or error"))
     for key in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
         value = getattr(recipe.data, key)
         if not value or (key.startswith("video") and not family.takes_video()):

@@ -145,6 +145,11 @@ class Formatter:
             # The template's own end token right after the reply is supervised; failing that, the family
             # may have the tokenizer's EOS appended (LLaVA-1.5's template ends a reply with a space only).
             end = next((e for e in (*self.end_of_turn, self.eos_token) if e and tail.startswith(e)), "")
+            if not end and not self.family.append_eos_after_reply:
+                ends = ", ".join(dict.fromkeys(e for e in (*self.end_of_turn, self.eos_token) if e))
+                raise FormatError(f"{conv.source}: message {i}: the chat template writes none of the end tokens of "
+                                  f"the {self.family.name} family ({ends}) after the reply, so the model would "
+                                  "never learn to stop; use the model's own chat template")
             pieces.append(Piece(prompt[len(done):], False))
             pieces.append(Piece(reply, train, eos_after=not end and self.family.append_eos_after_reply))
             pieces.append(Piece(end, train))
@@ -201,10 +206,7 @@ class Formatter:
         pieces, media = self._expand_media(self.pieces(conv), list(image_texts), list(video_texts), conv.source)
         per_piece = self._tokenize_whole(pieces)
         if per_piece is None:
-            per_piece, start = [], 0
-            for k, p in enumerate(pieces):
-                per_piece.append([(i, a + start, b + start) for i, a, b in self._tokenize_piece(p.text, k == 0)])
-                start += len(p.text)
+            per_piece = self._tokenize_runs(pieces)
         every = self.train_on is TrainOn.ALL
         prefix, suffix = self.affixes
         bos = self.tokenizer.bos_token
@@ -282,6 +284,26 @@ class Formatter:
             if any(hard[k:j]):
                 return None
             out[k].append((tok, start, end))
+        return out
+
+    def _tokenize_runs(self, pieces: list[Piece]) -> list[list[tuple[int, int, int]]]:
+        """Each piece's (id, start, end), tokenizing separately only where the label changes or an EOS goes in:
+        each run of pieces between such boundaries is tokenized at once, as a continuation of the text before."""
+        out: list[list[tuple[int, int, int]]] = [[] for _ in pieces]
+        first, offset = 0, 0
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            if not last and not (piece.eos_after or piece.supervised != pieces[k + 1].supervised):
+                continue
+            run = pieces[first:k + 1]
+            ends = list(itertools.accumulate(len(p.text) for p in run))
+            j = 0
+            for tok, start, end in self._tokenize_piece("".join(p.text for p in run), first=first == 0):
+                while j < len(run) - 1 and start >= ends[j]:
+                    j += 1
+                out[first + j].append((tok, start + offset, end + offset))
+            offset += ends[-1]
+            first = k + 1
         return out
 
     def _tokenize_piece(self, text: str, first: bool) -> list[tuple[int, int, int]]:
