@@ -177,17 +177,32 @@ def _batches(processor):
     return text, image
 
 
+def _vision_grads(model, family) -> dict[str, torch.Tensor | None]:
+    """Gradients of the vision tower's and projector's parameters, by name."""
+    return {n: p.grad for n, p in model.named_parameters() if family.component_of(n) in ("vision", "projector")}
+
+
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_every_forward_runs_the_vision_tower_once_and_the_loss_is_unchanged(family_name, loaded):
+    """Under ZeRO-3 (and DDP) every rank must produce gradients for the same weights: with the tower and projector
+    trainable, every one of their parameters an image batch trains gets a (zero) gradient from a text-only batch."""
     family = families.get(family_name)
     model, processor = loaded(family_name)
     text, image = _batches(processor)
     tower = model.get_submodule(family.vision_prefix)
     tower_calls = []
     counter = tower.register_forward_hook(lambda *a: tower_calls.append(1))
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():  # train the tower and projector (lora.train_vision_tower / _projector)
+        p.requires_grad_(family.component_of(n) in ("vision", "projector"))
     try:
         with torch.no_grad():
-            plain_text, plain_image = model(**text).loss, model(**image).loss
+            plain_text = model(**text).loss
+        plain_image = model(**image).loss
+        plain_image.backward()
+        trained = {n for n, g in _vision_grads(model, family).items() if g is not None}
+        assert any(family.component_of(n) == "projector" for n in trained)
+        model.zero_grad(set_to_none=True)
         assert len(tower_calls) == 1  # without the hook a text-only batch skips the tower: the ZeRO-3 trap
         hook = distributed.keep_vision_in_step(model, family, processor)
         try:
@@ -200,13 +215,17 @@ def test_every_forward_runs_the_vision_tower_once_and_the_loss_is_unchanged(fami
             assert len(tower_calls) == 2 and hook.calls == 1  # images: the model's own call, no dummy
         finally:
             hook.remove()
-        grads = [p.grad for p in tower.parameters()]
-        assert any(g is not None for g in grads) and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+        grads = _vision_grads(model, family)
+        missing = sorted(n for n in trained if grads[n] is None)
+        assert not missing, f"{len(missing)} trained weights get no gradient from a text-only batch: {missing[:3]}"
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads.values())
     finally:
         counter.remove()
         model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
     assert math.isfinite(plain_text.item())
-    assert torch.equal(hooked_text.detach(), plain_text) and torch.equal(hooked_image, plain_image)
+    assert torch.equal(hooked_text.detach(), plain_text) and torch.equal(hooked_image, plain_image.detach())
 
 
 def test_a_trained_projector_gets_zero_gradients_from_a_text_only_batch(loaded):

@@ -73,7 +73,7 @@ class VisionInStep:
             return torch.float32
 
     def _on_model(self, module, args, kwargs):
-        self._has_images = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        self._has_images = any(kwargs.get(k) is not None for k in ("pixel_values", *self.family.concat_keys))
         return None
 
     def _on_language_model(self, module, args, kwargs):
@@ -88,10 +88,10 @@ class VisionInStep:
         inputs = {k: v.to(device=embeds.device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in self.inputs.items()}
         out = self.model.get_image_features(**inputs, return_dict=True)
-        # only what the model itself feeds on (the projected features): each extra output of the tower would
-        # add one more backward pass through it, and ZeRO-3 checks that every rank ran the same modules
-        features = getattr(out, "pooler_output", None)
-        total = _float_sum(features if features is not None else out)
+        # exactly what the model itself feeds on (`Family.image_feature_outputs`): a missing one leaves its
+        # weights without a gradient on this rank, an extra one adds a backward pass an image batch does not have
+        features = [f for f in (getattr(out, k, None) for k in self.family.image_feature_outputs) if f is not None]
+        total = _float_sum(features if features else out)
         self.calls += 1
         if total is not None:
             kwargs["inputs_embeds"] = embeds + (total * 0.0).to(embeds.dtype)

@@ -117,8 +117,11 @@ class Family:
     video_time_step: Callable[[object, float], float] | None = None  # (model config, seconds per grid) -> step
     # --- training
     fp16_overflows: bool = False
-    # (family, processor) -> vision inputs ZeRO-3 runs on a batch without images (see distributed.py)
+    # (family, processor) -> vision inputs ZeRO-3 runs on a batch without images (see distributed/zero3.py)
     dummy_vision_inputs: Callable[[Family, object], dict] = blank_image_inputs
+    # the outputs of the model's get_image_features that the model feeds on (its dummy image feeds on them all,
+    # so a text-only batch gives every trained vision/projector weight a gradient, as an image batch does)
+    image_feature_outputs: tuple[str, ...] = ("pooler_output",)
     # --- the tiny offline test model: builtin name, and () -> (config, model class, processor)
     tiny_name: str = ""
     build_tiny: Callable[[], tuple[object, type, object]] | None = None

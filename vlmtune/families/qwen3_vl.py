@@ -282,7 +282,8 @@ def _qwen3(name: str, description: str, **kw) -> Family:
         QWEN2_VL, name=name, model_types=(name,), description=description,
         projector_prefixes=("model.visual.merger", "model.visual.deepstack_merger_list"), pixels=qwen_pixel_knobs(32),
         position_ids=qwen3_positions, video_layout=qwen3_video_layout, video_text=qwen3_video_text,
-        video_inputs=qwen3_video_inputs, video_time_step=None, **kw,
+        video_inputs=qwen3_video_inputs, video_time_step=None,
+        image_feature_outputs=("pooler_output", "deepstack_features"), **kw,  # DeepStack feeds the first text layers
     )  # fmt: skip  (float16 stays refused as for Qwen2-VL: nothing shows Qwen3-VL's activations fit its range)
 
 
