@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import vlmtune
+from vlmtune import families
 from vlmtune.cli import main
 from vlmtune.data.conversation import Conversation, Part, Turn
 from vlmtune.inference import encode, generate, load_for_inference, read_prompts
@@ -17,6 +18,7 @@ from .test_merge import BUILTIN_FOR, FAMILIES, QUIET, trained_adapter  # noqa: F
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
+VIDEO_FAMILIES = [f for f in BUILTIN_FOR if families.get(f).takes_video()]
 
 
 def image_part(name):
@@ -285,13 +287,13 @@ def test_predictions_are_written_as_they_come_and_kept_on_a_crash(merged, data_f
     assert all(by_source[r["source"]] == r["prediction"] for r in kept)  # the kept ones are the real predictions
 
 
-def test_predict_keeps_a_rows_tools_as_training_does(tmp_path, processor_for):
+@pytest.mark.parametrize("fmt", ["sharegpt", "messages"])
+def test_predict_keeps_a_rows_tools_as_training_does(fmt, tmp_path, processor_for):
     """A row's tool definitions reach the prompt (a template that renders them) or refuse it (one that does not)."""
     import copy
 
     from PIL import Image
 
-    from vlmtune import families
     from vlmtune.data.formatting import Formatter
     from vlmtune.errors import VlmtuneError
     from vlmtune.inference import Loaded
@@ -300,10 +302,15 @@ def test_predict_keeps_a_rows_tools_as_training_does(tmp_path, processor_for):
 
     Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "red.png")
     path = tmp_path / "rows.json"
-    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "<image>Colour?"},
-                                                   {"from": "gpt", "value": "Red."}],
-                                 "images": ["red.png"], "tools": json.dumps(TOOLS)}]))
-    (prompt,) = read_prompts(path, None, "sharegpt", {})
+    if fmt == "sharegpt":
+        path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                       {"from": "gpt", "value": "Red."}],
+                                     "images": ["red.png"], "tools": json.dumps(TOOLS)}]))
+    else:  # the default format, read by its own path
+        path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [
+            {"role": "user", "content": [{"type": "image", "image": "red.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "Red."}], "tools": TOOLS}])
+    (prompt,) = read_prompts(path, None, fmt, {})
     assert prompt.tools == TOOLS
     family = families.get("qwen2_vl")
     plain = processor_for("qwen2_vl")
@@ -355,3 +362,82 @@ def test_every_bad_image_of_another_format_is_reported_before_the_model_loads(tm
     assert f"2 row(s) of {data} cannot be used" in err
     assert f"{data}:2: image not found: {tmp_path / 'missing.png'}" in err
     assert f"{data}:3: image cannot be read: {tmp_path / 'broken.png'}" in err
+
+
+def video_rows(tmp_path) -> Path:
+    """A prompt-only messages row whose video is a list of four 90x60 frame images."""
+    from PIL import Image
+
+    names = []
+    for k in range(4):
+        Image.new("RGB", (90, 60), (60 * k, 0, 200 - 40 * k)).save(tmp_path / f"f{k}.png")
+        names.append(f"f{k}.png")
+    return write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": [
+        {"type": "video", "video": names}, {"type": "text", "text": "What changes?"}]}]}])
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_a_video_prompt_is_predicted_with_the_families_video_inputs(family, tmp_path):
+    """The planned clip reaches generate() as the family's video tensors, one per video token, and predict replies."""
+    from vlmtune.inference import model_inputs
+
+    data = video_rows(tmp_path)
+    loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
+    (prompt,) = read_prompts(data)
+    example = encode(loaded, prompt)
+    assert [c.source for c in example.videos] == [tuple(str(tmp_path / f"f{k}.png") for k in range(4))]
+    batch = model_inputs(loaded, [example])
+    assert batch["video_grid_thw"].tolist() == [list(example.videos[0].grid)]
+    video_id = loaded.processor.tokenizer.convert_tokens_to_ids(loaded.family.video_placeholder)
+    merge = loaded.processor.video_processor.merge_size
+    assert int((batch["input_ids"] == video_id).sum()) == batch["pixel_values_videos"].shape[0] // merge**2 > 0
+    (record,) = vlmtune.predict(f"builtin:{BUILTIN_FOR[family]}", data=data, loaded=loaded, max_new_tokens=6,
+                                progress=False)
+    assert isinstance(record["prediction"], str) and record["source"] == f"{data}:1"
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_inputs_and_replies_equal_plain_transformers(family, tmp_path):
+    """What transformers' own processor + generate() make of the same frames and question."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from vlmtune.demo import builtin_model_path
+    from vlmtune.inference import model_inputs
+
+    data = video_rows(tmp_path)
+    loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
+    ours = model_inputs(loaded, [encode(loaded, read_prompts(data)[0])])
+    path = builtin_model_path(BUILTIN_FOR[family])
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What changes?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    frames = [Image.open(tmp_path / f"f{k}.png").convert("RGB") for k in range(4)]
+    metadata = VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])  # as sampled (2 fps)
+    theirs = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
+                       do_sample_frames=False,
+                       cap_pixels_per_frame=bool(processor.video_processor.cap_pixels_per_frame))
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert ours["video_grid_thw"].tolist() == theirs["video_grid_thw"].tolist()
+    assert torch.allclose(ours["pixel_values_videos"], theirs["pixel_values_videos"])
+    with torch.no_grad():
+        assert torch.allclose(model(**ours).logits, model(**theirs).logits, atol=1e-5)
+    out = model.generate(**theirs, max_new_tokens=10, do_sample=False)
+    reply = processor.decode(out[0, theirs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert generate(loaded, [encode(loaded, read_prompts(data)[0])], max_new_tokens=10) == [reply]
+
+
+def test_a_video_prompt_to_a_family_without_video_is_its_row_problem(tmp_path, processor_for):
+    from vlmtune.data.formatting import Formatter
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.inference import Loaded
+
+    data = video_rows(tmp_path)
+    family, processor = families.get("llava"), processor_for("llava")
+    assert not family.takes_video()
+    with pytest.raises(VlmtuneError, match=rf"{data}:1: this model family \(llava\) does not take video; "
+                                           "remove the video parts or use a family that does"):
+        encode(Loaded(None, processor, family, Formatter(family, processor), "model"), read_prompts(data)[0])

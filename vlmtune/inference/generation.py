@@ -1,9 +1,9 @@
 """Prompts tokenized exactly as training tokenizes them, left-padded into batches, and the model's replies.
 
 A prompt goes through training's own path: vlmtune's Formatter with the processor saved beside the model
-(same chat template, system prompt and pixel bounds), the family's image layout, the dataset transform
-and the collator; the tokens before the final reply are the prompt, ending in the template's generation
-prompt. Batches are left-padded; inputs only generate() needs come from the family, as transformers'
+(same chat template, system prompt and pixel bounds), the family's image layout, training's plan of each
+video's frames, the dataset transform and the collator; the tokens before the final reply are the prompt,
+ending in the template's generation prompt. Batches are left-padded; inputs only generate() needs come from the family, as transformers'
 own processor would give them.
 """
 
@@ -19,6 +19,7 @@ from ..data.images import image_size
 from ..data.prepare import (
     Example,
     format_example,  # training's formatting of one conversation
+    video_clips,  # training's planning of a conversation's videos
 )
 from ..errors import VlmtuneError
 from .load import Loaded
@@ -29,17 +30,20 @@ def encode(loaded: Loaded, prompt: Prompt) -> Example:
     """The prompt as training would tokenize it, ending in the generation prompt (an Example without labels).
 
     The conversation gets a placeholder reply and goes through training's own formatting (image token
-    counts, grids, tokenization in runs between replies); the tokens before that reply are the prompt.
+    counts, grids, planned video clips, tokenization in runs between replies); the tokens before that reply
+    are the prompt.
     """
     conv = Conversation([*prompt.turns, Turn("assistant", [Part(type="text", text="-")])], source=prompt.source,
                         tools=list(prompt.tools))
-    try:  # an image (say, over the pixel limit) is a problem of its row, as in training
+    try:  # an image (say, over the pixel limit) or a video is a problem of its row, as in training
         dims = [image_size(Path(p)) for p in conv.images]
-        example = format_example(conv, loaded.prompt_formatter, loaded.family, dims, loaded.processor)
-    except ValueError as e:  # ImageProblem included
+        clips = video_clips(loaded.family, loaded.processor, conv.videos, {})
+        example = format_example(conv, loaded.prompt_formatter, loaded.family, dims, loaded.processor, clips=clips)
+    except ValueError as e:  # ImageProblem and VideoProblem included
         raise VlmtuneError(f"{prompt.source}: {e}") from None
     start = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
-    return Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.grids, prompt.source)
+    return Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.grids, prompt.source,
+                   videos=example.videos, media=example.media)
 
 
 def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
@@ -49,7 +53,8 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
 
     tok = loaded.formatter.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    dataset = to_dataset(examples, loaded.family, loaded.processor)
+    # the model's config: where video positions depend on it (Qwen2.5-VL's tokens_per_second)
+    dataset = to_dataset(examples, loaded.family, loaded.processor, getattr(loaded.model, "config", None))
     fam = loaded.family
     batch = VisionCollator(pad, concat_keys=fam.concat_keys)([dataset[i] for i in range(len(examples))])
     batch.pop("labels")

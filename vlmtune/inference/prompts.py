@@ -130,6 +130,7 @@ def _prompt_from_row(row, resolve, source: str) -> Prompt:
     if isinstance(messages, list) and not has_reply:
         # the reader wants an assistant reply: a prompt-only row gets a placeholder, dropped again below
         parsed_row = {**row, "messages": [*messages, {"role": "assistant", "content": "-"}]}
-    *turns, last = reader.read(parsed_row, resolve, Options()).turns
+    conversation = reader.read(parsed_row, resolve, Options())
+    *turns, last = conversation.turns
     _check_images(turns)
-    return Prompt(turns, row, last.text if has_reply else None, source)
+    return Prompt(turns, row, last.text if has_reply else None, source, list(conversation.tools))
