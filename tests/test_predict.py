@@ -396,19 +396,23 @@ def test_a_video_prompt_is_predicted_with_the_families_video_inputs(family, tmp_
     assert isinstance(record["prediction"], str) and record["source"] == f"{data}:1"
 
 
+@pytest.mark.parametrize("fps", [2.0, 0.5])
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_video_inputs_and_replies_equal_plain_transformers(family, tmp_path):
-    """What transformers' own processor + generate() make of the same frames and question."""
+def test_video_inputs_and_replies_equal_plain_transformers(family, fps, tmp_path):
+    """What transformers' own processor + generate() make of the same frames and question, at the recipe's fps
+    (Qwen2.5-VL's video positions follow the seconds each frame covers)."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.video_utils import VideoMetadata
 
+    from vlmtune.data.video import DEFAULT_MAX_FRAMES, apply_video_settings
     from vlmtune.demo import builtin_model_path
     from vlmtune.inference import model_inputs
 
     data = video_rows(tmp_path)
     loaded = load_for_inference(f"builtin:{BUILTIN_FOR[family]}")
+    apply_video_settings(loaded.processor, loaded.family.pixels, fps, DEFAULT_MAX_FRAMES)  # as training saved it
     ours = model_inputs(loaded, [encode(loaded, read_prompts(data)[0])])
     path = builtin_model_path(BUILTIN_FOR[family])
     processor = AutoProcessor.from_pretrained(path)
@@ -416,7 +420,7 @@ def test_video_inputs_and_replies_equal_plain_transformers(family, tmp_path):
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What changes?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     frames = [Image.open(tmp_path / f"f{k}.png").convert("RGB") for k in range(4)]
-    metadata = VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3])  # as sampled (2 fps)
+    metadata = VideoMetadata(total_num_frames=4, fps=fps, frames_indices=[0, 1, 2, 3])  # as sampled
     theirs = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
                        do_sample_frames=False,
                        cap_pixels_per_frame=bool(processor.video_processor.cap_pixels_per_frame))

@@ -58,14 +58,21 @@ def model_inputs(loaded: Loaded, examples: list[Example]) -> dict:
     fam = loaded.family
     batch = VisionCollator(pad, concat_keys=fam.concat_keys)([dataset[i] for i in range(len(examples))])
     batch.pop("labels")
-    batch.pop("position_ids", None)  # generate() derives positions from the attention mask and the token inputs
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    # training's positions where the family makes its own (they follow a video's seconds, which generate() cannot
+    # derive from the token inputs); generate() continues them past the prompt
+    positions = batch.get("position_ids")
     left_ids, left_mask = torch.full_like(ids, pad), torch.zeros_like(mask)
+    left_positions = None if positions is None else torch.ones_like(positions)
     for i in range(len(examples)):
         n = int(mask[i].sum())
         left_ids[i, ids.shape[1] - n:] = ids[i, :n]
         left_mask[i, ids.shape[1] - n:] = 1
+        if positions is not None:
+            left_positions[:, i, ids.shape[1] - n:] = positions[:, i, :n]
     batch["input_ids"], batch["attention_mask"] = left_ids, left_mask
+    if positions is not None:
+        batch["position_ids"] = left_positions
     if fam.token_inputs is not None:  # per-token inputs, for the left-padded ids
         rows = [fam.token_inputs(loaded.processor, row) for row in left_ids.tolist()]
         for key in rows[0] if rows else ():
