@@ -134,6 +134,9 @@ def check_runtime(recipe: Recipe, family: Family) -> list[FieldError]:
         if value == "float16" and family.fp16_overflows and (path == "model.dtype" or q.mode != "none"):
             errs.append(FieldError(path, f"float16 is known to overflow in {family.description}; use bfloat16 "
                                    "(or float32 on GPUs without bfloat16)"))
+    if recipe.train.packing and family.packing_refused:
+        errs.append(FieldError("train.packing", f"{family.description} cannot pack examples "
+                               f"(Family.packing_refused: {family.packing_refused}); set train.packing: false"))
     if q.mode != "none" and not importlib.util.find_spec("bitsandbytes"):
         errs.append(FieldError("quantization.mode", f"{q.mode} needs bitsandbytes, which is not installed: "
                                "pip install 'vlmtune[gpu]', or set quantization.mode=none"))

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Recipe, dump
 from .data.collator import collator_for
 from .data.dataset import to_dataset
+from .data.packing import pack_dataset, packing_collator_for
 from .distributed.launch import is_main_process
 from .distributed.process import prepare_deepspeed_process
 from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
@@ -114,14 +115,21 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     tokenizer = plan.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
-    collator = collator_for(plan.family, pad_id, pad_to_multiple_of=8 if plan.runtime.device == "cuda" else None)
+    multiple = 8 if plan.runtime.device == "cuda" else None
+    collator = collator_for(plan.family, pad_id, pad_to_multiple_of=multiple)
     # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
     train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
+    lengths = [len(e.input_ids) for e in plan.train.examples]
+    if recipe.train.packing:  # a batch is then per_device_train_batch_size packed rows; eval batches stay unpacked
+        train_ds = pack_dataset(train_ds, lengths, recipe.data.max_length, recipe.train.seed, log)
+        lengths = [sum(lengths[i] for i in b) for b in train_ds.bins]
+        collator = packing_collator_for(plan.family, pad_id, pad_to_multiple_of=multiple, unpacked=collator,
+                                        attention=plan.runtime.attn_implementation)
     eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
                if plan.eval else None)
-    lengths = [len(e.input_ids) for e in plan.train.examples] if recipe.train.group_by_length else None
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                               eval_dataset=eval_ds, processing_class=plan.processor, lengths=lengths,
+                               eval_dataset=eval_ds, processing_class=plan.processor,
+                               lengths=lengths if recipe.train.group_by_length else None,
                                max_bad_samples=recipe.data.max_bad_samples,
                                max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log)
     return trainer, report

@@ -91,6 +91,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint folder
     group_by_length: bool = False  # batches of similar lengths: less padding, a little less randomness
     max_nonfinite_steps: int = 3  # stop (saving nothing non-finite) after this many steps with a NaN/inf loss or grad
+    # whole examples packed into rows of up to data.max_length tokens, no attention across them (data/packing.py);
+    # per_device_train_batch_size then counts packed rows; refused for families whose Family.packing_refused says why
+    packing: bool = False
 
 
 @dataclass

@@ -117,6 +117,9 @@ class Family:
     video_time_step: Callable[[object, float], float] | None = None  # (model config, seconds per grid) -> step
     # --- training
     fp16_overflows: bool = False
+    # why `train.packing` is refused for this family ("": it packs); packed rows keep examples apart by position
+    # ids alone (data/packing.py), so a family whose attention needs more than positions cannot pack
+    packing_refused: str = ""
     # (family, processor) -> vision inputs ZeRO-3 runs on a batch without images (see distributed/zero3.py)
     dummy_vision_inputs: Callable[[Family, object], dict] = blank_image_inputs
     # the outputs of the model's get_image_features that the model feeds on (its dummy image feeds on them all,
@@ -131,6 +134,10 @@ class Family:
         import transformers
 
         return getattr(transformers, self.model_class)
+
+    @property
+    def packs(self) -> bool:
+        return not self.packing_refused
 
     def takes_video(self) -> bool:
         return self.video_layout is not None
