@@ -57,15 +57,15 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_a_nan_loss_stops_the_run_and_writes_no_adapter(small_data, tmp_path, monkeypatch):  # noqa: F811
-    from trl import SFTTrainer
+    from vlmtune.label_loss import LabelOnlyLoss  # the loss layer just below the guards, on either loss path
 
-    real = SFTTrainer.compute_loss
+    real = LabelOnlyLoss.compute_loss
 
     def nan_after_the_first_step(self, model, inputs, *args, **kwargs):
         loss = real(self, model, inputs, *args, **kwargs)
         return loss * math.nan if self.state.global_step >= 1 and model.training else loss
 
-    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_after_the_first_step)
+    monkeypatch.setattr(LabelOnlyLoss, "compute_loss", nan_after_the_first_step)
     recipe = recipe_for("qwen2_vl", small_data, tmp_path, **{"train.max_steps": 10, "train.save_steps": 1,
                                                             "train.save_total_limit": 10,
                                                             "train.per_device_train_batch_size": 2})

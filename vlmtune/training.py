@@ -131,7 +131,8 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
                                eval_dataset=eval_ds, processing_class=plan.processor,
                                lengths=lengths if recipe.train.group_by_length else None,
                                max_bad_samples=recipe.data.max_bad_samples,
-                               max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log)
+                               max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log,
+                               loss_on_labels_only=recipe.train.loss_on_labels_only)
     return trainer, report
 
 
@@ -142,8 +143,9 @@ def _trainer_class():
 
     from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
+    from .label_loss import LabelOnlyLoss
 
-    class VisionSFTTrainer(GuardedTrainer, AtomicCheckpoints, SFTTrainer):
+    class VisionSFTTrainer(GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss, SFTTrainer):
         def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
             self._lengths = lengths
             super().__init__(*args, **kwargs)

@@ -94,6 +94,9 @@ class TrainConfig:
     # whole examples packed into rows of up to data.max_length tokens, no attention across them (data/packing.py);
     # per_device_train_batch_size then counts packed rows; refused for families whose Family.packing_refused says why
     packing: bool = False
+    # the LM head and cross-entropy run only on positions whose next token has a label, in chunks (label_loss.py):
+    # the same loss and gradients as the full logits, without building them; false: the SFTTrainer's own loss
+    loss_on_labels_only: bool = True
 
 
 @dataclass
