@@ -142,6 +142,14 @@ def test_the_trainer_switch_gives_the_sft_trainers_loss_from_labelled_rows_only(
         losses[on] = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count).item()
         if on:
             assert sum(rows) == count.item() - 3  # the head saw the labelled positions and nothing else
+    rows.clear()
+    trainer.loss_on_labels_only = True
+    head.weight.ds_id = 0  # as ZeRO-3 marks a partitioned weight: the SFTTrainer's own chunked head instead
+    try:
+        zero3 = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count).item()
+    finally:
+        del head.weight.ds_id
     hook.remove()
+    assert not rows and zero3 == pytest.approx(losses[False], rel=1e-6)
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert trainer._metrics["train"]["mean_token_accuracy"]

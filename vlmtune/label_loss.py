@@ -68,11 +68,17 @@ def supervised_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = C
     return loss, {"count": count, "correct": correct, "entropy": entropy}, outputs
 
 
+def _partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions this module's weight (it is gathered only inside its forward)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 class LabelOnlyLoss:
     """SFTTrainer mixin (before SFTTrainer): `train.loss_on_labels_only` computes the loss with supervised_loss.
 
     Falls back to the trainer's own loss where that needs the full logits (a custom loss function, label
-    smoothing, outputs asked for). Logs mean_token_accuracy, entropy and num_tokens as the SFTTrainer does."""
+    smoothing, outputs asked for), and under ZeRO-3 (a partitioned head is gathered per call, so a chunk's
+    recompute in backward would not see the weight it saw forward; TRL's own head is chunked too). Logs mean_token_accuracy, entropy and num_tokens as the SFTTrainer does."""
 
     def __init__(self, *args, loss_on_labels_only: bool = False, **kwargs):
         self.loss_on_labels_only = loss_on_labels_only
@@ -80,7 +86,8 @@ class LabelOnlyLoss:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (not self.loss_on_labels_only or return_outputs or self.compute_loss_func is not None
-                or self.label_smoother is not None or getattr(self.args, "loss_type", "nll") != "nll"):
+                or self.label_smoother is not None or getattr(self.args, "loss_type", "nll") != "nll"
+                or _partitioned(model.get_output_embeddings())):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
