@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from .config import FieldError, Recipe
 from .data.formats import reader_options
 from .data.formatting import Formatter
+from .data import prepared_cache
 from .data.prepare import PreparedData, prepare
 from .distributed.deepspeed import for_run as deepspeed_for_run
 from .distributed.deepspeed import zero_stage
 from .distributed.launch import planned_world_size
 from .errors import PreflightError
 from .families import Family
+from .main_decides import decided_by_main
 from .modeling import Runtime, check_model, load_processor, resolve_model_path, runtime_for
 
 
@@ -108,9 +110,7 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
         path = getattr(d, split)
         if not path:
             continue
-        data = prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                       desc=f"checking {split} data", read_options=reader_options(d), check_images=check_images,
-                       max_image_pixels=d.max_image_pixels, find_shrinkable=find_shrinkable)
+        data = _prepared(recipe, split, family, formatter, check_images, find_shrinkable)
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.examples and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
@@ -118,6 +118,34 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
             problems.append(f"data.{split}: {path} has no rows")
         splits[split] = data
     return splits, problems
+
+
+def _prepared(recipe: Recipe, split: str, family: Family, formatter: Formatter, check_images: str,
+              find_shrinkable: bool) -> PreparedData:
+    """One split prepared, from the prepared-data cache when data.cache is on. With several processes rank 0
+    prepares (or loads) and stores the entry, the others load it (preparing themselves if they cannot read it:
+    another machine's disk)."""
+    d = recipe.data
+    path = getattr(d, split)
+
+    def build(check: str, sizes: dict | None = None) -> PreparedData:
+        return prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
+                       desc=f"checking {split} data", read_options=reader_options(d), check_images=check,
+                       max_image_pixels=d.max_image_pixels, find_shrinkable=find_shrinkable, sizes=sizes)
+
+    if not d.cache:
+        return build(check_images)
+
+    def main_entry() -> str:
+        key = prepared_cache.cache_key(path, d, family.name, formatter.processor,
+                                       {"check_images": check_images, "find_shrinkable": find_shrinkable})
+        if prepared_cache.load(key) is None:
+            sizes: dict = {}
+            prepared_cache.store(key, build(check_images, sizes), sizes)
+        return key
+
+    key = decided_by_main(main_entry, cuda=not recipe.train.use_cpu)
+    return prepared_cache.load(key) or build(check_images)
 
 
 def plan_run(recipe: Recipe) -> Plan:

@@ -65,6 +65,9 @@ class DataConfig:
     max_image_pixels: int = 178_956_970  # larger images (width x height) are refused: decompression-bomb guard
     max_bad_samples: int = 10  # samples that fail to load mid-run are skipped up to this many; 0: stop on the first
     max_row_bytes: int = 16 * 2**20  # a data row (a JSONL line, a JSON item) larger than this is refused unread
+    # formatted examples cached under $VLMTUNE_CACHE/prepared/, keyed by data, data.*, processor and code
+    # (data/prepared_cache.py): a second run, validate, and every rank but 0 start from it
+    cache: bool = False
 
 
 @dataclass

@@ -139,16 +139,17 @@ def iter_rows(path: str | Path, fmt: str, image_root: str | None, formatter: For
 def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Formatter, family: Family,
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
             read_options: dict | None = None, check_images: str = "auto",
-            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, find_shrinkable: bool = False) -> PreparedData:
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, find_shrinkable: bool = False,
+            sizes: dict | None = None) -> PreparedData:
     """Read and format a whole data file; problems are collected with file and row.
 
     `check_images` (data.check_images): `decode` decodes every image of the examples in full before training
     (in threads), which also finds truncated or corrupt pixel data; `header` reads headers only; `auto`
     decodes when there are at most AUTO_DECODE_MAX_IMAGES image files. `find_shrinkable`: fill `shrinkable`
-    under every data.on_overlong (see `iter_rows`)."""
+    under every data.on_overlong (see `iter_rows`); `sizes` receives every image and video the rows referenced."""
     out = PreparedData()
     seen: dict[str, RowProblem] = {}
-    sizes: dict = {}
+    sizes = {} if sizes is None else sizes
     read_options = {**(read_options or {}), "warn": out.warnings.append}
     rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options,
                      max_image_pixels, find_shrinkable, sizes)

@@ -1,0 +1,172 @@
+"""Prepared data cached on disk, so a second run (validate, inspect, or another rank) skips formatting.
+
+An entry lives in `<VLMTUNE_CACHE>/prepared/<key>/`. The key hashes what decides the examples: the data file's
+bytes, every data.* field that shapes them, the family, the processor's saved files (tokenizer, chat template,
+image and video processor configs), the vlmtune version and the source of the data and family code. The media
+files the rows referenced are checked on load (size and modification time), since their headers plan the image
+tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .formats import RowProblem
+from .prepare import Example, PreparedData
+from .video import VideoClip
+
+FORMAT = 1  # bump when the layout of an entry changes
+# data.* fields that do not change the examples (loading, the mid-run guard, this switch itself)
+_UNUSED_FIELDS = frozenset({"train", "eval", "num_workers", "max_bad_samples", "cache"})
+_PROBLEM_LISTS = ("problems", "dropped", "duplicates", "warnings", "shrinkable")
+_COUNTS = ("rows", "shrunk", "decoded", "header_only")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLMTUNE_CACHE") or Path.home() / ".cache" / "vlmtune") / "prepared"
+
+
+def cache_key(path: str | Path, data_config, family_name: str, processor, options: dict) -> str:
+    """The entry's name: changes when anything that shapes the prepared examples changes.
+
+    `options`: the arguments of `prepare` not in the recipe (check_images, find_shrinkable)."""
+    from .. import __version__
+
+    fields = {k: v for k, v in dataclasses.asdict(data_config).items() if k not in _UNUSED_FIELDS}
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps({"format": FORMAT, "version": __version__, "family": family_name, "data": fields,
+                         "options": options}, sort_keys=True, default=str).encode())
+    h.update(_code_digest().encode())
+    h.update(_processor_digest(processor).encode())
+    _hash_path(h, Path(path))
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    """The source of the data package and the families (readers, formatter, budget, family token layouts)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.blake2b(digest_size=20)
+    for folder in ("data", "families"):
+        for file in sorted((root / folder).rglob("*.py")):
+            h.update(str(file.relative_to(root)).encode())
+            h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def _processor_digest(processor) -> str:
+    """The processor as saved (tokenizer files, chat template, processor configs with the recipe's bounds)."""
+    h = hashlib.blake2b(digest_size=20)
+    with tempfile.TemporaryDirectory(prefix="vlmtune-processor-") as tmp:
+        processor.save_pretrained(tmp)
+        _hash_path(h, Path(tmp), relative=True)
+    return h.hexdigest()
+
+
+def _hash_path(h, path: Path, relative: bool = False) -> None:
+    """A file's bytes, or every file of a folder with its relative name; a missing path hashes its name."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        h.update(str(file.relative_to(path) if relative or path.is_dir() else file.resolve()).encode())
+        try:
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"<missing>")
+
+
+def media_stamps(sizes: dict) -> dict[str, list[int] | None]:
+    """(size, mtime_ns) of every image, video and frame file the rows referenced; None for a missing one."""
+    paths: set[str] = set()
+    for ref in sizes:
+        if isinstance(ref, tuple):  # ("video", a file or a tuple of frame files)
+            source = ref[1]
+            paths.update(source if isinstance(source, tuple) else [source])
+        else:
+            paths.add(ref)
+    stamps = {}
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+            stamps[p] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamps[p] = None
+    return stamps
+
+
+def load(key: str) -> PreparedData | None:
+    """The entry under `key`, or None when it is missing, unreadable, partial or its media files changed."""
+    entry = cache_root() / key
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        with np.load(entry / "tokens.npz", allow_pickle=False) as z:
+            ids, labels, offsets = z["input_ids"], z["labels"], z["offsets"]
+        rows = [json.loads(line) for line in (entry / "examples.jsonl").read_text().splitlines()]
+    except (OSError, ValueError, KeyError):
+        return None
+    if meta.get("format") != FORMAT or meta.get("key") != key or len(rows) + 1 != len(offsets):
+        return None
+    stamps = {p: s for p, s in meta.get("media", {}).items()}
+    if media_stamps({p: None for p in stamps}) != stamps:
+        return None
+    try:
+        return _rebuild(meta, rows, ids, labels, offsets)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _rebuild(meta: dict, rows: list[dict], ids, labels, offsets) -> PreparedData:
+    out = PreparedData(**{k: int(meta[k]) for k in _COUNTS})
+    for name in _PROBLEM_LISTS:
+        setattr(out, name, [RowProblem(**p) for p in meta[name]])
+    for i, r in enumerate(rows):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        out.examples.append(Example(ids[a:b].tolist(), labels[a:b].tolist(), r["images"],
+                                    [tuple(g) for g in r["grids"]], r["source"], r["max_pixels"],
+                                    [VideoClip.from_json(v) for v in r["videos"]],
+                                    [tuple(m) for m in r["media"]]))
+    return out
+
+
+def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] = print) -> Path:
+    """Write the entry atomically (a temp folder renamed into place); an entry already there is kept."""
+    final = cache_root() / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+    try:
+        lengths = [len(e.input_ids) for e in data.examples]
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        flat = [t for e in data.examples for t in e.input_ids]
+        flat_labels = [t for e in data.examples for t in e.labels]
+        np.savez(tmp / "tokens.npz", input_ids=np.asarray(flat, dtype=np.int64),
+                 labels=np.asarray(flat_labels, dtype=np.int64), offsets=offsets)
+        with (tmp / "examples.jsonl").open("w") as f:
+            for e in data.examples:
+                f.write(json.dumps({"images": e.images, "grids": [list(g) for g in e.grids], "source": e.source,
+                                    "max_pixels": e.max_pixels, "videos": [v.to_json() for v in e.videos],
+                                    "media": [list(m) for m in e.media]}) + "\n")
+        meta = {"format": FORMAT, "key": key, "media": media_stamps(sizes),
+                **{k: getattr(data, k) for k in _COUNTS},
+                **{name: [dataclasses.asdict(p) for p in getattr(data, name)] for name in _PROBLEM_LISTS}}
+        (tmp / "meta.json").write_text(json.dumps(meta))  # written last: an entry without it is ignored
+        tmp.chmod(0o755)
+        if final.exists():  # a stale or broken entry under the same key: replace it
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process published the same entry meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+    log(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
+    return final
