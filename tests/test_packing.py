@@ -137,7 +137,7 @@ def test_no_attention_across_packed_examples(name, lora_model, processor_for, im
     with torch.no_grad():
         alone = model(**unpacked).logits
         together = model(**packed).logits[0]
-        for i, (s, n) in enumerate(zip(starts, lengths)):
+        for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
             torch.testing.assert_close(together[s:s + n], alone[i, :n], rtol=1e-4, atol=1e-5)
         first = torch.tensor(examples[0].input_ids)
         special = set(family_special_ids(processor_for(name)))

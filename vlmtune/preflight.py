@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass
 
 from .config import FieldError, Recipe
+from .data import prepared_cache
 from .data.formats import reader_options
 from .data.formatting import Formatter
-from .data import prepared_cache
 from .data.prepare import PreparedData, prepare
 from .distributed.deepspeed import for_run as deepspeed_for_run
 from .distributed.deepspeed import zero_stage

@@ -133,7 +133,7 @@ class PackingCollator:
             labels.append(own)
         text = [torch.arange(len(e["input_ids"])) for e in examples]
         if self.multirow_positions:
-            positions = torch.cat([torch.cat([t[None], e["position_ids"]]) for t, e in zip(text, examples)], dim=1)
+            positions = torch.cat([torch.cat([t[None], e["position_ids"]]) for t, e in zip(text, examples, strict=True)], dim=1)
         else:
             positions = torch.cat(text)
         row = {"input_ids": torch.cat([e["input_ids"] for e in examples]), "labels": torch.cat(labels),
