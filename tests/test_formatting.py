@@ -73,6 +73,18 @@ def without_appended_eos(ids, reference, eos_id):
     return (out if j == len(reference) else None), skipped
 
 
+def assert_conforms(family, processor, c, end: str) -> list[int]:
+    """Our ids equal the processor's own for `c`, and the supervised ids decode to the replies, each + `end`;
+    returns the supervised ids."""
+    _, ref = reference_ids(processor, c, c.images)
+    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
+    assert out.input_ids == ref
+    supervised = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
+    replies = [t.text for t in c.turns if t.role == "assistant"]
+    assert processor.tokenizer.decode(supervised) == "".join(r + end for r in replies)
+    return supervised
+
+
 def roundtrip(tokenizer, text: str) -> str:
     """The text as the tokenizer gives it back (Qwen NFC-normalises; Llama drops one leading space)."""
     return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -304,12 +316,8 @@ def real_qwen_processor(reference_processor):
 def test_conformance_with_real_qwen2_5_vl_files(case, real_qwen_processor, images):
     family, processor = families.get("qwen2_5_vl"), real_qwen_processor
     c = CASES[case](images)
-    text, ref = reference_ids(processor, c, c.images)
-    out = Formatter(family, processor)(c, texts_for(family, processor, c.images))
-    assert out.input_ids == ref
-    supervised = [i for i, lab in zip(out.input_ids, out.labels, strict=True) if lab != IGNORE_INDEX]
+    supervised = assert_conforms(family, processor, c, "<|im_end|>")
     replies = [t.text for t in c.turns if t.role == "assistant"]
-    assert processor.tokenizer.decode(supervised) == "".join(r + "<|im_end|>" for r in replies)
     assert supervised.count(151645) == len(replies)  # <|im_end|> id in the real vocabulary
 
 
