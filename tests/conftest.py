@@ -26,9 +26,24 @@ BUILTIN = {f.name: f.tiny_name for f in families.all_families()}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _offline_cache(tmp_path_factory):
+def _offline_cache(tmp_path_factory) -> Path:
+    """The session's $VLMTUNE_CACHE: always a temporary folder, never the user's cache (even when they set one)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLMTUNE_CACHE", str(tmp_path_factory.mktemp("vlmtune-cache")))
+    root = tmp_path_factory.mktemp("vlmtune-cache")
+    (root / "builtin").mkdir()
+    os.environ["VLMTUNE_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(_offline_cache, tmp_path_factory, monkeypatch):
+    """Each test its own $VLMTUNE_CACHE (prepared data, downloaded images), so that no test loads what another
+    prepared; the tiny models built once per session are shared. A module that set its own cache keeps it."""
+    if os.environ.get("VLMTUNE_CACHE") != str(_offline_cache):
+        return
+    mine = tmp_path_factory.mktemp("cache")
+    (mine / "builtin").symlink_to(_offline_cache / "builtin", target_is_directory=True)
+    monkeypatch.setenv("VLMTUNE_CACHE", str(mine))
 
 
 @pytest.fixture(scope="session")

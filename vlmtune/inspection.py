@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import itertools
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from .data.conversation import Conversation, Part, Turn
 from .data.formats import reader_options
 from .data.formatting import IGNORE_INDEX
 from .data.prepare import iter_rows
+from .data.prepared_cache import data_files
 from .errors import VlmtuneError
-from .preflight import formatting_for
+from .preflight import check_data, formatting_for
 
 GREEN, DIM, CYAN, RESET = "\033[42;30m", "\033[2m", "\033[36m", "\033[0m"
 
@@ -107,23 +109,23 @@ class Inspection:
 
 
 def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str = "train") -> Inspection:
-    """Format `num` samples (or the one at `index`, 0-based) of the recipe's data without loading weights."""
+    """Format `num` samples (or the one at `index`, 0-based) of the recipe's data without loading weights.
+
+    With data.cache on, the samples come from the split's prepared-data entry (prepared and stored first if
+    there is none, as training would), so a second inspect, validate or training run formats nothing again;
+    a dropped or refused row then shows its problem without its tokens."""
     _, family, formatter = formatting_for(recipe)
     d = recipe.data
     path = getattr(d, split)
     if not path:
         raise VlmtuneError(f"data.{split} is not set")
+    views = _cached_views(recipe, split, family, formatter) if d.cache else _formatted_views(recipe, path, family,
+                                                                                             formatter)
     samples = []
-    rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
-                     read_options=reader_options(d), max_image_pixels=d.max_image_pixels)
-    for r in rows:
-        if index is not None and r.row != index:
+    for view in views:
+        if index is not None and view.index != index:
             continue
-        ex = r.example
-        problem = str(r.problem.message) if r.problem is not None else None
-        source = ex.source if ex else f"{r.problem.file}:{r.problem.row}"
-        samples.append(SampleView(r.row, source, ex.input_ids if ex else [], ex.labels if ex else [],
-                                  ex.media_tokens("image") if ex else 0, r.dropped, problem, ex.media if ex else []))
+        samples.append(view)
         if len(samples) >= (1 if index is not None else num):
             break
     if index is not None and not samples:
@@ -134,6 +136,40 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
         notes.append(f"the {family.name} chat template ends a reply without an end-of-sequence token, so "
                      f"vlmtune appends {eos} to the supervised reply so the model learns to stop")
     return Inspection(samples, formatter.tokenizer, notes)
+
+
+def _formatted_views(recipe: Recipe, path: str, family, formatter):
+    """Each row formatted as it is read (only as many as are shown)."""
+    d = recipe.data
+    rows = iter_rows(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
+                     read_options=reader_options(d), max_image_pixels=d.max_image_pixels)
+    for r in rows:
+        ex = r.example
+        problem = str(r.problem.message) if r.problem is not None else None
+        source = ex.source if ex else f"{r.problem.file}:{r.problem.row}"
+        yield SampleView(r.row, source, ex.input_ids if ex else [], ex.labels if ex else [],
+                         ex.media_tokens("image") if ex else 0, r.dropped, problem, ex.media if ex else [])
+
+
+def _cached_views(recipe: Recipe, split: str, family, formatter) -> list[SampleView]:
+    """Every row of the split from its prepared-data entry (the entry training uses), in file order."""
+    others = {s: None for s in ("train", "eval") if s != split}  # prepare this split only
+    data = check_data(dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **others)), family,
+                      formatter)[0][split]
+    views = [SampleView(0, e.source, e.input_ids, e.labels, e.media_tokens("image"), False, None, e.media)
+             for e in data.examples]
+    views += [SampleView(0, f"{p.file}:{p.row}", [], [], 0, dropped, str(p.message))
+              for problems, dropped in ((data.problems, False), (data.dropped, True)) for p in problems]
+    rank = {str(f): i for i, f in enumerate(data_files(getattr(recipe.data, split)))}  # a dataset's files in order
+
+    def order(view: SampleView) -> tuple[int, int]:
+        file, _, row = view.source.rpartition(":")
+        return rank.get(file, 0), int(row) if row.isdigit() else 0
+
+    views.sort(key=order)
+    for i, view in enumerate(views):
+        view.index = i
+    return views
 
 
 _PROBE = Conversation([Turn("user", [Part("text", text="Hi")]), Turn("assistant", [Part("text", text="Hello")])],

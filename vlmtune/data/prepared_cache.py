@@ -1,15 +1,18 @@
 """Prepared data cached on disk, so a second run (validate, inspect, or another rank) skips formatting.
 
 An entry lives in `<VLMTUNE_CACHE>/prepared/<key>/`. The key hashes what decides the examples: the data file's
-bytes, every data.* field that shapes them, the family, the processor's saved files (tokenizer, chat template,
-image and video processor configs), the vlmtune version and the source of the data and family code. The media
-files the rows referenced are checked on load (size and modification time), since their headers plan the image
-tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON."""
+bytes (a LLaMA-Factory reference: its dataset_info.json and the entry's files), every data.* field that shapes
+them, the family, the processor's saved files (tokenizer, chat template, image and video processor configs), the
+vlmtune version, the source of the data and family code and the versions of the libraries that tokenize, render
+templates and read image and video headers. The media files the rows referenced are checked on load (size,
+modification and change time: a copy that keeps the mtime still changes the ctime), since their headers plan the
+image tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -21,13 +24,18 @@ import numpy as np
 
 from .formats import RowProblem
 from .prepare import Example, PreparedData
+from .readers import llamafactory
 from .video import VideoClip
 
-FORMAT = 1  # bump when the layout of an entry changes
-# data.* fields that do not change the examples (loading, the mid-run guard, this switch itself)
-_UNUSED_FIELDS = frozenset({"train", "eval", "num_workers", "max_bad_samples", "cache"})
+FORMAT = 2  # bump when the layout of an entry changes
+# data.* fields that do not change the examples: the split's path (its files are hashed instead), loading, the
+# mid-run guard, this switch itself. Every other field, a new one included, is part of the key.
+_UNUSED_FIELDS = frozenset({"train", "eval", "num_workers", "prefetch_factor", "max_bad_samples", "cache"})
 _PROBLEM_LISTS = ("problems", "dropped", "duplicates", "warnings", "shrinkable")
 _COUNTS = ("rows", "shrunk", "decoded", "header_only")
+# libraries whose behaviour shapes the examples: tokenization, chat templates, image processors' token counts,
+# image and video headers
+_LIBRARIES = ("transformers", "tokenizers", "jinja2", "pillow", "av", "numpy")
 
 
 def cache_root() -> Path:
@@ -43,11 +51,35 @@ def cache_key(path: str | Path, data_config, family_name: str, processor, option
     fields = {k: v for k, v in dataclasses.asdict(data_config).items() if k not in _UNUSED_FIELDS}
     h = hashlib.blake2b(digest_size=20)
     h.update(json.dumps({"format": FORMAT, "version": __version__, "family": family_name, "data": fields,
-                         "options": options}, sort_keys=True, default=str).encode())
+                         "options": options, "libraries": _library_versions()}, sort_keys=True, default=str).encode())
     h.update(_code_digest().encode())
     h.update(_processor_digest(processor).encode())
-    _hash_path(h, Path(path))
+    for file in data_files(path):
+        _hash_path(h, file)
     return h.hexdigest()
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files a data source reads: the file (or folder) itself, or a LLaMA-Factory reference's
+    dataset_info.json and its entry's files (an unreadable entry: the info file alone; preparing reports it)."""
+    ref = llamafactory.reference(path)
+    if ref is None:
+        return [Path(path)]
+    try:
+        files = list(llamafactory.open_entry(path).files)
+    except llamafactory.EntryError:
+        files = []
+    return [ref[0], *files]
+
+
+def _library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _code_digest() -> str:
@@ -84,7 +116,8 @@ def _hash_path(h, path: Path, relative: bool = False) -> None:
 
 
 def media_stamps(sizes: dict) -> dict[str, list[int] | None]:
-    """(size, mtime_ns) of every image, video and frame file the rows referenced; None for a missing one."""
+    """(size, mtime_ns, ctime_ns) of every image, video and frame file the rows referenced; None for a missing
+    one. The ctime changes whenever a file is written or replaced, even by a copy that keeps the mtime."""
     paths: set[str] = set()
     for ref in sizes:
         if isinstance(ref, tuple):  # ("video", a file or a tuple of frame files)
@@ -96,7 +129,7 @@ def media_stamps(sizes: dict) -> dict[str, list[int] | None]:
     for p in sorted(paths):
         try:
             st = os.stat(p)
-            stamps[p] = [st.st_size, st.st_mtime_ns]
+            stamps[p] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         except OSError:
             stamps[p] = None
     return stamps
