@@ -49,6 +49,7 @@ def test_exact_match_normalises_case_punctuation_articles_whitespace(pred, ref, 
 
 
 def test_exact_match_takes_the_best_reference_and_averages_rows():
+    assert Sample("x", "x").references == ("x",) and Sample("x", ["x", "y"]).references == ("x", "y")
     got = score("exact_match", rows([("red", ["blue", "Red."]), ("green", ["blue"])]))
     assert got.rows == [1.0, 0.0] and got.summary == {"exact_match": 0.5}
 
@@ -139,7 +140,7 @@ QUESTION = "What colour is the car?\nA. red\nB. blue\nC. dark red\nD. green"
 @pytest.mark.parametrize("answer, letter", [
     ("(B)", "B"), ("B.", "B"), ("B", "B"), ("b", "B"), ("[C]", "C"), ("B)", "B"),
     ("The answer is b", "B"), ("The answer is B because it is blue", "B"), ("Answer: (c)", "C"),
-    ("I choose option D.", "D"), ("B. blue", "B"), ("b) blue", "B"), ("The car looks (D) to me", "D"),
+    ("I choose option D.", "D"), ("The correct answer is: (a)", "A"), ("B. blue", "B"), ("b) blue", "B"), ("The car looks (D) to me", "D"),
     ("It is blue.", "B"), ("dark red", "C"), ("The car is dark red", "C"),  # option text; the longest match
     ("I would say C", "C"), ("the answer is a dog", None), ("A dog is near it", None), ("no idea", None),
 ])

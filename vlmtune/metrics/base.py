@@ -21,6 +21,10 @@ class Sample:
     references: tuple[str, ...]
     question: str = ""  # multiple choice reads the options from it
 
+    def __post_init__(self):  # a lone string or a list of references is taken as the tuple it means
+        refs = self.references
+        object.__setattr__(self, "references", (refs,) if isinstance(refs, str) else tuple(refs))
+
 
 @dataclass(frozen=True)
 class Prepared:

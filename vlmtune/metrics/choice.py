@@ -26,7 +26,7 @@ from .text import normalize_answer
 _LINE_OPTION = re.compile(r"^\s*\(?([A-Z])[.):]\s*(\S.*?)\s*$", re.MULTILINE)
 _INLINE_OPTION = re.compile(r"\(([A-Z])\)\s*(.+?)(?=\s*\([A-Z]\)|\n|$)")
 _WHOLE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:)]?")
-_SAYS = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*[(\[]?([A-Za-z])[)\]]?(?=[\s.,;:!?)]|$)(\s*\w)?",
+_SAYS = re.compile(r"\b(?:answer|option|choice)\s*(?:is\s*:?|:)?\s*[(\[]?([A-Za-z])[)\]]?(?=[\s.,;:!?)]|$)(\s*\w)?",
                    re.IGNORECASE)
 _LEADING = re.compile(r"[(\[]?([A-Za-z])(?:[)\]]|[.:)])\s")
 _BRACKETED = re.compile(r"\(([A-Za-z])\)")
