@@ -16,6 +16,7 @@ from vlmtune.metrics import (
     Sample,
     UnknownMetricError,
     auto_metrics,
+    compare,
     get_metric,
     known_metrics,
     movers,
@@ -347,3 +348,12 @@ def test_movers_are_the_rows_that_changed_most():
     better, worse = movers(get_metric("token_f1"), base, tuned, k=3)
     assert [(m.row, m.a, m.b) for m in better] == [(1, 0.0, 1.0), (2, pytest.approx(0.8), 1.0)]
     assert [(m.row, m.delta) for m in worse] == [(0, -1.0)]
+
+
+def test_compare_prepares_once_and_gives_intervals_movers_and_rows():
+    base = rows([("cat", "cat"), ("dog", "cat"), ("x", "y"), ("dog", "dog")])
+    tuned = rows([("dog", "cat"), ("cat", "cat"), ("y", "y"), ("dog", "dog")])
+    got = compare(get_metric("exact_match"), base, tuned, resamples=200, seed=3, k=1)
+    assert got.metric == "exact_match" and got.rows_a == [1, 0, 0, 1] and got.rows_b == [0, 1, 1, 1]
+    assert got.differences == paired_bootstrap(get_metric("exact_match"), base, tuned, resamples=200, seed=3)
+    assert [m.row for m in got.better] == [1] and [m.row for m in got.worse] == [0]

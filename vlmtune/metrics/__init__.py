@@ -7,7 +7,7 @@ multiple choice and POPE are written here from their definitions (no maintained 
 """
 
 from .base import Metric, Prepared, Sample, Scores
-from .bootstrap import Difference, Mover, movers, paired_bootstrap
+from .bootstrap import Comparison, Difference, Mover, compare, movers, paired_bootstrap
 from .registry import (
     AUTO,
     METRICS,
@@ -20,6 +20,6 @@ from .registry import (
     score,
 )
 
-__all__ = ["AUTO", "METRICS", "Difference", "Metric", "Mover", "Prepared", "Sample", "Scores", "UnknownMetricError",
-           "auto_metrics", "get_metric", "known_metrics", "movers", "paired_bootstrap", "reference_problems",
-           "resolve_metrics", "score"]
+__all__ = ["AUTO", "METRICS", "Comparison", "Difference", "Metric", "Mover", "Prepared", "Sample", "Scores",
+           "UnknownMetricError", "auto_metrics", "compare", "get_metric", "known_metrics", "movers",
+           "paired_bootstrap", "reference_problems", "resolve_metrics", "score"]

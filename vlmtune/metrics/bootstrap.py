@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Metric, Sample
+from .base import Metric, Prepared, Sample
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,44 @@ def _check_paired(samples_a: Sequence[Sample], samples_b: Sequence[Sample]) -> N
             raise ValueError(f"row {i + 1}: the two systems were scored against different references")
 
 
+@dataclass(frozen=True)
+class Comparison:
+    metric: str
+    differences: list[Difference]  # one per summary number, headline first
+    better: list[Mover]  # the rows that rose most, most first
+    worse: list[Mover]  # the rows that fell most, most first
+    rows_a: list[float]
+    rows_b: list[float]
+
+
+def compare(metric: Metric, samples_a: Sequence[Sample], samples_b: Sequence[Sample], *, resamples: int = 1000,
+            seed: int = 0, confidence: float = 0.95, k: int = 3) -> Comparison:
+    """Both systems scored on the same rows (each prepared once): the bootstrap intervals and the movers."""
+    _check_paired(samples_a, samples_b)
+    if not samples_a:
+        raise ValueError("a bootstrap needs at least one row")
+    prep_a, prep_b = metric.prepare(samples_a), metric.prepare(samples_b)
+    better, worse = _movers(prep_a.rows, prep_b.rows, k)
+    return Comparison(metric.name, _intervals(metric, prep_a, prep_b, resamples, seed, confidence), better, worse,
+                      [float(x) for x in prep_a.rows], [float(x) for x in prep_b.rows])
+
+
 def paired_bootstrap(metric: Metric, samples_a: Sequence[Sample], samples_b: Sequence[Sample], *,
                      resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> list[Difference]:
     """For each of the metric's summary numbers: a on all rows, b on all rows, and the CI of b - a."""
+    return compare(metric, samples_a, samples_b, resamples=resamples, seed=seed, confidence=confidence).differences
+
+
+def movers(metric: Metric, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
+           k: int = 3) -> tuple[list[Mover], list[Mover]]:
+    """The k rows whose score rose most from a to b, and the k that fell most (ties: the earlier row first)."""
     _check_paired(samples_a, samples_b)
-    n = len(samples_a)
-    if n == 0:
-        raise ValueError("a bootstrap needs at least one row")
-    prep_a, prep_b = metric.prepare(samples_a), metric.prepare(samples_b)
+    return _movers(metric.prepare(samples_a).rows, metric.prepare(samples_b).rows, k)
+
+
+def _intervals(metric: Metric, prep_a: Prepared, prep_b: Prepared, resamples: int, seed: int,
+               confidence: float) -> list[Difference]:
+    n = len(prep_a.rows)
     everything = np.arange(n)
     full_a, full_b = metric.aggregate(prep_a, everything), metric.aggregate(prep_b, everything)
     rng = np.random.default_rng(seed)
@@ -72,14 +102,10 @@ def paired_bootstrap(metric: Metric, samples_a: Sequence[Sample], samples_b: Seq
     return out
 
 
-def movers(metric: Metric, samples_a: Sequence[Sample], samples_b: Sequence[Sample],
-           k: int = 3) -> tuple[list[Mover], list[Mover]]:
-    """The k rows whose score rose most from a to b, and the k that fell most (ties: the earlier row first)."""
-    _check_paired(samples_a, samples_b)
-    rows_a, rows_b = metric.prepare(samples_a).rows, metric.prepare(samples_b).rows
+def _movers(rows_a: np.ndarray, rows_b: np.ndarray, k: int) -> tuple[list[Mover], list[Mover]]:
     delta = rows_b - rows_a
-    order = np.argsort(-delta, kind="stable")
-    better = [Mover(int(i), float(rows_a[i]), float(rows_b[i])) for i in order[:k] if delta[i] > 0]
-    order = np.argsort(delta, kind="stable")
-    worse = [Mover(int(i), float(rows_a[i]), float(rows_b[i])) for i in order[:k] if delta[i] < 0]
+    better = [Mover(int(i), float(rows_a[i]), float(rows_b[i])) for i in np.argsort(-delta, kind="stable")[:k]
+              if delta[i] > 0]
+    worse = [Mover(int(i), float(rows_a[i]), float(rows_b[i])) for i in np.argsort(delta, kind="stable")[:k]
+             if delta[i] < 0]
     return better, worse
