@@ -144,11 +144,14 @@ def _trainer_class():
     from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
     from .label_loss import LabelOnlyLoss
+    from .token_count import CountingCollator, TokenCount
 
-    class VisionSFTTrainer(GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss, SFTTrainer):
-        def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
+    class VisionSFTTrainer(TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss, SFTTrainer):
+        def __init__(self, *args, lengths: list[int] | None = None, data_collator=None, **kwargs):
             self._lengths = lengths
-            super().__init__(*args, **kwargs)
+            # each batch states its examples' token count for the logged num_tokens (token_count.py)
+            counting = CountingCollator(data_collator) if data_collator is not None else None
+            super().__init__(*args, data_collator=counting, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):
             if self._lengths is None:

@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -169,8 +170,9 @@ def _rebuild(meta: dict, rows: list[dict], ids, labels, offsets) -> PreparedData
     return out
 
 
-def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] = print) -> Path:
-    """Write the entry atomically (a temp folder renamed into place); an entry already there is kept."""
+def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] | None = None) -> Path:
+    """Write the entry atomically (a temp folder renamed into place); an entry already there is kept. `log`: where
+    the line saying so goes (default: stderr, beside the progress bars, so that `inspect --json` stays JSON)."""
     final = cache_root() / key
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
@@ -201,5 +203,9 @@ def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-    log(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
+    (log or _to_stderr)(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
     return final
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
