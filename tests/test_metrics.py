@@ -141,7 +141,7 @@ QUESTION = "What colour is the car?\nA. red\nB. blue\nC. dark red\nD. green"
 @pytest.mark.parametrize("answer, letter", [
     ("(B)", "B"), ("B.", "B"), ("B", "B"), ("b", "B"), ("[C]", "C"), ("B)", "B"),
     ("The answer is b", "B"), ("The answer is B because it is blue", "B"), ("Answer: (c)", "C"),
-    ("I choose option D.", "D"), ("The correct answer is: (a)", "A"), ("B. blue", "B"), ("b) blue", "B"), ("The car looks (D) to me", "D"),
+    ("I choose option D.", "D"), ("The correct answer is: (a)", "A"), ("The answer is I think B", "B"), ("B. blue", "B"), ("b) blue", "B"), ("The car looks (D) to me", "D"),
     ("It is blue.", "B"), ("dark red", "C"), ("The car is dark red", "C"),  # option text; the longest match
     ("I would say C", "C"), ("the answer is a dog", None), ("A dog is near it", None), ("no idea", None),
 ])

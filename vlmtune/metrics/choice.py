@@ -3,8 +3,8 @@
 The options are read from the question when it lists them ("A. red" / "(B) blue" / "C) green" / "D: ...",
 one per line or inline as "(A) red (B) blue"). An answer picks a letter, by the first rule that applies:
 1. the whole answer is a letter, maybe bracketed or followed by . : ) -- "B", "(B)", "b.", "[C]";
-2. it says so: "the answer is B", "answer: (c)", "option B", "choice b" (a lowercase "a" only when nothing
-   but punctuation follows, so "the answer is a dog" picks nothing);
+2. it says so: "the answer is B", "answer: (c)", "option B", "choice b" (one of the options listed, if any;
+   "a" and "I" only when no word follows, so "the answer is a dog" picks nothing);
 3. it starts with a labelled letter: "B. blue", "b) blue", "(B) blue ...";
 4. a bracketed letter anywhere: "... so (B)";
 5. an option's text: the normalised answer equals one option, or contains exactly one option (as whole
@@ -66,7 +66,8 @@ def extract_choice(answer: str, options: dict[str, str] | None = None) -> str | 
         return m.group(1).upper()
     for m in _SAYS.finditer(text):
         letter, word_after = m.group(1), m.group(2)
-        if letter.isupper() or letter != "a" or not word_after:
+        pronoun_or_article = letter in ("a", "I") and word_after  # "the answer is a dog", "the answer is I think B"
+        if not pronoun_or_article and (not options or letter.upper() in options):
             return letter.upper()
     if m := _LEADING.match(text):
         return m.group(1).upper()
