@@ -31,7 +31,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MAY_DIFFER = {"output_dir", "train.resume_from_checkpoint", "train.max_steps", "train.num_train_epochs",
               "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
               "train.per_device_eval_batch_size", "train.report_to", "train.max_nonfinite_steps", "data.eval",
-              "data.num_workers", "data.check_images", "data.max_bad_samples", "data.max_row_bytes"}
+              "data.num_workers", "data.check_images", "data.max_bad_samples", "data.max_row_bytes",
+              "data.prefetch_factor", "train.gradient_checkpointing",  # recomputed activations are the same
+              "train.liger_kernel"}  # the same functions in fused kernels
 _PATH_FIELDS = {"model.name_or_path", "data.train", "data.image_root"}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from . import families
 from .config import FieldError, LoraConfig, QuantizationConfig, Recipe
+from .config.schema import switch
 from .errors import VlmtuneError
 from .families import Family
 
@@ -50,6 +51,8 @@ class Runtime:
     device: str
     dtype: torch.dtype
     attn_implementation: str
+    liger: bool = False  # Liger's kernels patch the model (liger.py: chosen while planning)
+    liger_note: str = ""  # why they are on or off
 
 
 def check_model(recipe: Recipe) -> tuple[list[FieldError], object, Family | None]:
@@ -285,7 +288,7 @@ def attach_lora(model, plan):
     r = plan.recipe
     lo = r.lora
     if r.quantization.mode != "none":
-        prepare_quantized(model, r.train.gradient_checkpointing)
+        prepare_quantized(model, switch(r.train.gradient_checkpointing) != "false")  # auto: on (memory_probe.py)
     targets = lora_targets(model, plan.family, lo)
     if not targets:
         wanted = ", ".join(lo.target_modules or plan.family.default_lora_targets)

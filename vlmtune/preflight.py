@@ -6,7 +6,7 @@ processes, the model's path) into the `Plan` that model loading and the trainer 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import FieldError, Recipe
 from .data import prepared_cache
@@ -52,6 +52,8 @@ class Plan(Resolved):
 
 def resolve(recipe: Recipe) -> Resolved:
     """Model, family, runtime, DeepSpeed config and processor for a recipe; PreflightError listing every problem."""
+    from .liger import choose as liger_choice
+
     errors, model_config, family = check_model(recipe)
     errors.extend(reporting_errors(recipe))
     world = planned_world_size(recipe)
@@ -60,6 +62,9 @@ def resolve(recipe: Recipe) -> Resolved:
         runtime = runtime_for(recipe, family)
         deepspeed, problems = deepspeed_for_run(recipe, runtime, model_config, world)
         errors.extend(problems)
+        kernels = liger_choice(recipe.train.liger_kernel, family, runtime.device)
+        errors.extend([kernels.problem] if kernels.problem else [])
+        runtime = replace(runtime, liger=kernels.use, liger_note=kernels.reason)
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe, family)

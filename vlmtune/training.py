@@ -12,15 +12,22 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, memory_probe
 from .config import Recipe, dump
 from .data.collator import collator_for
 from .data.dataset import to_dataset
 from .data.packing import pack_dataset, packing_collator_for
 from .distributed.launch import is_main_process
-from .distributed.process import prepare_deepspeed_process
+from .distributed.process import (
+    apply_liger_kernels,
+    prepare_deepspeed_process,
+    set_thread_counts,
+    torch_threads,
+)
 from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
 from .errors import VlmtuneError
+from .loader_sizing import Sizing, limit_loader_threads, local_processes
+from .loader_sizing import size as loader_size
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
 from .run_folder import RESULTS_FILE, STAGING_PREFIX
@@ -34,9 +41,19 @@ class TrainResult:
     trainable: dict = field(default_factory=dict)
 
 
-def default_num_workers() -> int:
-    cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
+def loader_sizing(plan: Plan) -> Sizing:
+    """DataLoader workers, prefetch, pinned memory and torch threads for this rank (loader_sizing.py)."""
+    d = plan.recipe.data
+    current, default = torch_threads()
+    processes = local_processes(plan.world_size, plan.recipe.distributed.num_nodes)
+    return loader_size(d.num_workers, d.prefetch_factor, plan.runtime.device, processes,
+                       current_threads=current, default_threads=default)
+
+
+def fixed_checkpointing(plan: Plan) -> memory_probe.Checkpointing | None:
+    """Gradient checkpointing where the recipe or the run decides it; None: auto measures a step (memory_probe.py)."""
+    return memory_probe.fixed_choice(plan.recipe.train.gradient_checkpointing, plan.deepspeed is not None,
+                                     plan.zero_stage, plan.recipe.quantization.mode != "none")
 
 
 def sft_config(plan: Plan, checkpoint_dir: Path):
@@ -44,13 +61,14 @@ def sft_config(plan: Plan, checkpoint_dir: Path):
     does, first); transformers registers the DeepSpeed config it is given, for as long as the arguments live."""
     from trl import SFTConfig
 
-    t, d = plan.recipe.train, plan.recipe.data
-    workers = d.num_workers if d.num_workers is not None else default_num_workers()
+    t = plan.recipe.train
+    sizing = loader_sizing(plan)
+    fixed = fixed_checkpointing(plan)  # auto: off until a measured step asks for it (build_trainer)
     on_gpu = plan.runtime.device == "cuda"
     has_eval = plan.eval is not None and len(plan.eval.examples) > 0
     return SFTConfig(
         deepspeed=plan.deepspeed,
-        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
+        **_checkpointing_args(SFTConfig, fixed is not None and fixed.enabled),
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -77,9 +95,10 @@ def sft_config(plan: Plan, checkpoint_dir: Path):
         max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
-        dataloader_num_workers=workers,
-        dataloader_persistent_workers=workers > 0,
-        dataloader_pin_memory=on_gpu,
+        dataloader_num_workers=sizing.workers,
+        dataloader_persistent_workers=sizing.persistent_workers,
+        dataloader_pin_memory=sizing.pin_memory,
+        dataloader_prefetch_factor=sizing.prefetch_factor,
         save_only_model=False,
         disable_tqdm=False,
     )
@@ -98,13 +117,15 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
     recipe = plan.recipe
-    deepspeed = prepare_deepspeed_process(plan)  # the one step that sets process-wide state: see its docstring
+    deepspeed = prepare_deepspeed_process(plan)  # the steps that set process-wide state: see distributed/process.py
+    set_thread_counts(loader_sizing(plan), log)
     args = sft_config(plan, checkpoint_dir)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # LoRA's random init happens before the Trainer seeds anything
     model = load_base_model(plan)
     del deepspeed  # loaded: from here on the Trainer's arguments keep their own DeepSpeed config registered
+    kernels = apply_liger_kernels(model, plan, log)  # before LoRA wraps the layers liger patches
     model = attach_lora(model, plan)
     if plan.zero_stage == 3 or plan.world_size > 1:  # every rank runs the vision tower once per forward
         keep_vision_in_step(model, plan.family, plan.processor)
@@ -133,6 +154,12 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
                                max_bad_samples=recipe.data.max_bad_samples,
                                max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log,
                                loss_on_labels_only=recipe.train.loss_on_labels_only)
+    checkpointing = fixed_checkpointing(plan) or memory_probe.measure_for(
+        trainer, train_ds, lengths, recipe.train.per_device_train_batch_size, plan.runtime.device, collator)
+    log(checkpointing.line())
+    # recorded in train_results.json and vlmtune.json
+    trainer.fast_path = {"gradient_checkpointing": checkpointing.record(), "liger_kernel": kernels,
+                         "data_loading": loader_sizing(plan).note}
     return trainer, report
 
 
@@ -152,6 +179,12 @@ def _trainer_class():
             # each batch states its examples' token count for the logged num_tokens (token_count.py)
             counting = CountingCollator(data_collator) if data_collator is not None else None
             super().__init__(*args, data_collator=counting, **kwargs)
+
+        def get_train_dataloader(self):  # each worker on one thread (loader_sizing.py)
+            return limit_loader_threads(super().get_train_dataloader())
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            return limit_loader_threads(super().get_eval_dataloader(eval_dataset))
 
         def _get_train_sampler(self, train_dataset=None):
             if self._lengths is None:
@@ -219,6 +252,7 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
         log(f"{resume} is at the last step: nothing was left to train; the run's outputs are written from it")
         metrics = checkpoints.logged_train_metrics(resume)
     metrics["global_step"] = trainer.state.global_step
+    metrics["fast_path"] = trainer.fast_path
     metrics.update(_data_metrics(plan, metrics))
     metrics["wall_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
@@ -286,6 +320,7 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
             (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
             meta = metadata(plan)
+            meta["fast_path"] = getattr(trainer, "fast_path", {})
             names = sorted(p.name for p in staging.iterdir())
             note_moving(out, names)  # a kill in the moves below leaves them known as the run's own
             remove_metadata(out)  # the folder is incomplete until it is written again

@@ -60,7 +60,8 @@ class DataConfig:
     train_on: str = "assistant"
     system_prompt: str | None = None
     on_overlong: str = "drop"  # drop | error | shrink_images
-    num_workers: int | None = None  # DataLoader workers decoding images; None: chosen from the CPU count
+    num_workers: int | None = None  # DataLoader workers decoding images; None: chosen from the CPUs (loader_sizing.py)
+    prefetch_factor: int | None = None  # batches each DataLoader worker loads ahead; None: chosen (loader_sizing.py)
     check_images: str = "auto"  # auto | decode | header: decode every image before training, or read headers only
     max_image_pixels: int = 178_956_970  # larger images (width x height) are refused: decompression-bomb guard
     max_bad_samples: int = 10  # samples that fail to load mid-run are skipped up to this many; 0: stop on the first
@@ -83,7 +84,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = True
+    # auto | true | false (YAML booleans too); auto: on only when a measured step without it would not fit in
+    # memory (memory_probe.py), on under ZeRO-3 and quantization (see there why)
+    gradient_checkpointing: str = "auto"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -100,6 +103,9 @@ class TrainConfig:
     # the LM head and cross-entropy run only on positions whose next token has a label, in chunks (label_loss.py):
     # the same loss and gradients as the full logits, without building them; false: the SFTTrainer's own loss
     loss_on_labels_only: bool = True
+    # auto | true | false: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on the model (liger.py); auto: on a CUDA
+    # GPU with liger-kernel installed, for families whose Family.liger it patches; true where it cannot is refused
+    liger_kernel: str = "auto"
 
 
 @dataclass
@@ -148,12 +154,21 @@ CHOICES = {
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
                     "adafactor", "sgd"),
     "distributed.launcher": ("auto", "torchrun", "deepspeed", "accelerate"),
+    "train.gradient_checkpointing": ("auto", "true", "false"),
+    "train.liger_kernel": ("auto", "true", "false"),
 }
 ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},
            "quantization.compute_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
            "quantization.mode": {"4-bit": "4bit", "qlora": "4bit", "8-bit": "8bit", None: "none", False: "none"},
            "distributed.deepspeed": {None: "none", False: "none", "zero-2": "zero2", "zero-3": "zero3",
-                                     "zero3-offload": "zero3_offload", "zero-3-offload": "zero3_offload"}}
+                                     "zero3-offload": "zero3_offload", "zero-3-offload": "zero3_offload"},
+           "train.gradient_checkpointing": {True: "true", False: "false"},
+           "train.liger_kernel": {True: "true", False: "false"}}
+
+
+def switch(value: object) -> str:
+    """An auto | true | false field's value as its word (a Recipe built in code may hold a Python bool)."""
+    return {True: "true", False: "false"}.get(value, value) if isinstance(value, bool) else str(value)
 
 
 @functools.lru_cache(maxsize=1)

@@ -76,6 +76,8 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     need(t.num_train_epochs != 0 or t.max_steps > 0, "train.num_train_epochs",  # other values: BOUNDS
          "must be positive (or set train.max_steps)")
     need(t.eval_steps is None or bool(d.eval), "train.eval_steps", "needs data.eval (an evaluation file)")
+    need(d.prefetch_factor is None or d.num_workers != 0, "data.prefetch_factor",
+         "needs DataLoader workers: set data.num_workers to 1 or more (or leave it unset), or leave prefetch_factor out")
     need(bool(recipe.output_dir), "output_dir", "is required")
     errs.extend(distributed_errors(recipe, check_paths))
     return errs

@@ -44,6 +44,18 @@ class PixelKnobs:
 
 # (processor, [(height, width) per image of one sample]) -> one plan per image
 PlanImagesFn = Callable[[object, Sequence[tuple[int, int]]], list[ImagePlan]]
+@dataclass(frozen=True)
+class LigerPatch:
+    """How liger-kernel patches a family's model instance (liger.py): the apply function of liger_kernel.transformers,
+    the kernels asked of it by its keyword names (rms_norm, swiglu, layer_norm, geglu, rope; every other kernel it
+    takes is passed false), and the liger modules it imports when called, imported while planning so that a liger
+    release that cannot patch the installed transformers is found before the model loads, with its ImportError."""
+
+    function: str
+    kernels: tuple[str, ...]
+    imports: tuple[str, ...] = ()
+
+
 # (processor, [PIL images of one sample], extra processor kwargs) -> the image processor's outputs
 ImageInputsFn = Callable[[object, list, dict], dict]
 # (processor, frames, height, width) -> (video tokens, grid) for a video of that many frames and size
@@ -125,6 +137,8 @@ class Family:
     # the outputs of the model's get_image_features that the model feeds on (its dummy image feeds on them all,
     # so a text-only batch gives every trained vision/projector weight a gradient, as an image batch does)
     image_feature_outputs: tuple[str, ...] = ("pooler_output",)
+    # liger-kernel's patch of this family (None: liger has none); the fused linear cross-entropy is never asked
+    liger: LigerPatch | None = None
     # --- the tiny offline test model: builtin name, and () -> (config, model class, processor)
     tiny_name: str = ""
     build_tiny: Callable[[], tuple[object, type, object]] | None = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Family, ImagePlan
+from .base import Family, ImagePlan, LigerPatch
 
 GEMMA_LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -203,6 +203,9 @@ GEMMA3 = Family(
     fp16_overflows=True,
     packing_refused=("its image tokens attend to each other both ways (a mask built from token_type_ids), which "
                      "the packed row's position-derived causal blocks do not give: the packed loss differs"),
+    # GeGLU, not SwiGLU; Gemma's (1 + weight) RMSNorm is liger's offset form
+    liger=LigerPatch("apply_liger_kernel_to_gemma3", ("rms_norm", "layer_norm", "geglu", "rope"),
+                     ("liger_kernel.transformers.model.gemma3",)),
     tiny_name="tiny-gemma3",
     build_tiny=tiny_gemma3,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Family, ImagePlan
+from .base import Family, ImagePlan, LigerPatch
 from .llava import LLM_LINEAR
 
 # Byte-identical to OpenGVLab/InternVL3-*-hf's chat template (shared/reference/templates/InternVL3-hf.jinja).
@@ -123,6 +123,9 @@ INTERNVL = Family(
     size_knob="its image processor's tile `size` (height x width pixels) and `max_patches` (tiles per image, "
               "plus a thumbnail)",
     concat_keys=("pixel_values",),  # forward() takes only pixel_values: every image's tiles, in order
+    # the vision tower's norms, then the language model's own patch (qwen2 in InternVL3)
+    liger=LigerPatch("apply_liger_kernel_to_internvl", ("rms_norm", "layer_norm", "swiglu", "rope"),
+                     ("liger_kernel.transformers.model.internvl",)),
     tiny_name="tiny-internvl",
     build_tiny=tiny_internvl,
 )

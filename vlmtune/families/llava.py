@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Family, ImagePlan
+from .base import Family, ImagePlan, LigerPatch
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -177,8 +177,11 @@ def _llava(name: str, description: str, model_class: str, **kw) -> Family:
     )
 
 
+# Liger patches LLaVA through its language model's own patch (llama, mistral, qwen2...); none for NeXT / OneVision
 LLAVA = _llava("llava", "LLaVA-1.5 (7B/13B)", "LlavaForConditionalGeneration", end_of_turn=("</s>",),
                append_eos_after_reply=True, plan_images=llava_plan_images, tiny_name="tiny-llava",
+               liger=LigerPatch("apply_liger_kernel_to_llava", ("rms_norm", "swiglu", "rope"),
+                                ("liger_kernel.transformers.model.llava",)),
                build_tiny=tiny_llava)
 LLAVA_NEXT = _llava("llava_next", "LLaVA-NeXT / LLaVA-1.6", "LlavaNextForConditionalGeneration",
                     end_of_turn=("</s>", "<|eot_id|>"), append_eos_after_reply=True, plan_images=llava_plan_images, made_grids=_image_sizes,

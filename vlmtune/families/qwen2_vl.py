@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Family, ImagePlan, PixelKnobs, grid_key
+from .base import Family, ImagePlan, LigerPatch, PixelKnobs, grid_key
 
 QWEN_LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -246,9 +246,15 @@ def _qwen(name: str, model_types: tuple[str, ...], description: str, **kw) -> Fa
     )
 
 
+# Liger's M-RoPE kernel replaces apply_multimodal_rotary_pos_emb, which transformers 5 no longer calls (the rotary
+# embedding lays the sections out and attention applies the plain rotation): rope is not asked
 QWEN2_VL = _qwen("qwen2_vl", ("qwen2_vl",), "Qwen2-VL (2B/7B/72B)", model_class="Qwen2VLForConditionalGeneration",
+                 liger=LigerPatch("apply_liger_kernel_to_qwen2_vl", ("rms_norm", "swiglu", "layer_norm"),
+                                  ("liger_kernel.transformers.model.qwen2_vl",)),
                  tiny_name="tiny-qwen2-vl", build_tiny=tiny_qwen2_vl)  # one time position per patch
 QWEN2_5_VL = _qwen("qwen2_5_vl", ("qwen2_5_vl",), "Qwen2.5-VL (3B/7B/32B/72B)",
                    model_class="Qwen2_5_VLForConditionalGeneration", video_time_step=qwen2_5_video_time_step,
+                   liger=LigerPatch("apply_liger_kernel_to_qwen2_5_vl", ("rms_norm", "swiglu"),
+                                    ("liger_kernel.transformers.model.qwen2_5_vl",)),
                    tiny_name="tiny-qwen2.5-vl", build_tiny=tiny_qwen2_5_vl)
 FAMILIES = (QWEN2_VL, QWEN2_5_VL)

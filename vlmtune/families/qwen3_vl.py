@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from .base import Family
+from .base import Family, LigerPatch
 from .qwen2_vl import QWEN2_VL, QWEN_LLM_LINEAR, qwen_mrope_positions, qwen_pixel_knobs, qwen_special_ids
 
 # Byte-identical to Qwen/Qwen3-VL-2B-Instruct's chat template (no default system turn; tools; tool responses).
@@ -287,10 +287,15 @@ def _qwen3(name: str, description: str, **kw) -> Family:
     )  # fmt: skip  (float16 stays refused as for Qwen2-VL: nothing shows Qwen3-VL's activations fit its range)
 
 
+# Liger's Qwen3-VL patch replaces the plain rotation these models call (text and vision); its SwiGLU is off by default
 QWEN3_VL = _qwen3("qwen3_vl", "Qwen3-VL (2B/4B/8B/32B)", model_class="Qwen3VLForConditionalGeneration",
+                  liger=LigerPatch("apply_liger_kernel_to_qwen3_vl", ("rms_norm", "rope"),
+                                   ("liger_kernel.transformers.model.qwen3_vl",)),
                   tiny_name="tiny-qwen3-vl", build_tiny=tiny_qwen3_vl)
 # MoE: every text layer's MLP is experts held as fused 3-D parameters (no linear layers): LoRA goes on attention
 QWEN3_VL_MOE = _qwen3("qwen3_vl_moe", "Qwen3-VL MoE (30B-A3B/235B-A22B)", default_lora_targets=QWEN_LLM_LINEAR[:4],
                       model_class="Qwen3VLMoeForConditionalGeneration", tiny_name="tiny-qwen3-vl-moe",
+                      liger=LigerPatch("apply_liger_kernel_to_qwen3_vl_moe", ("rms_norm", "rope"),
+                                       ("liger_kernel.transformers.model.qwen3_vl_moe",)),
                       build_tiny=tiny_qwen3_vl_moe)
 FAMILIES = (QWEN3_VL, QWEN3_VL_MOE)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .base import Family, ImagePlan
+from .base import Family, ImagePlan, LigerPatch
 
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -215,7 +215,10 @@ def _family(name: str, description: str, model_class: str, **kw) -> Family:
     )
 
 
+# Liger patches SmolVLM's vision norms and its language model's own patch (llama); it has none for Idefics3
 SMOLVLM = _family("smolvlm", "SmolVLM2 (256M-2.2B)", "SmolVLMForConditionalGeneration", tiny_name="tiny-smolvlm",
+                  liger=LigerPatch("apply_liger_kernel_to_smolvlm", ("rms_norm", "layer_norm", "swiglu", "rope"),
+                                   ("liger_kernel.transformers.model.smolvlm",)),
                   build_tiny=tiny_smolvlm)
 IDEFICS3 = _family("idefics3", "Idefics3 and SmolVLM (v1)", "Idefics3ForConditionalGeneration",
                    tiny_name="tiny-idefics3", build_tiny=tiny_idefics3)
