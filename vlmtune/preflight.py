@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from . import vision_cache
 from .config import FieldError, Recipe
 from .data import prepared_cache
 from .data.formats import reader_options
@@ -65,6 +66,7 @@ def resolve(recipe: Recipe) -> Resolved:
         kernels = liger_choice(recipe.train.liger_kernel, family, runtime.device)
         errors.extend([kernels.problem] if kernels.problem else [])
         runtime = replace(runtime, liger=kernels.use, liger_note=kernels.reason)
+        errors.extend(vision_cache.problems(recipe, family, zero_stage(deepspeed) if deepspeed else 0, world))
     if family is None or errors:
         raise PreflightError([str(e) for e in errors])
     processor = load_processor(recipe, family)

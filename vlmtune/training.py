@@ -32,6 +32,7 @@ from .modeling import attach_lora, format_report, load_base_model, pixel_bounds,
 from .preflight import Plan, plan_run
 from .run_folder import RESULTS_FILE, STAGING_PREFIX
 from .run_metadata import remove_metadata, write_metadata
+from .vision_cache_prepass import setup as vision_cache_setup
 
 
 @dataclass
@@ -133,21 +134,23 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     log(format_report(report))
     if sum(t for t, _ in report.values()) == 0:
         raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
+    vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)  # the pre-pass, if on
     tokenizer = plan.processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
     multiple = 8 if plan.runtime.device == "cuda" else None
     collator = collator_for(plan.family, pad_id, pad_to_multiple_of=multiple)
     # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
-    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
+    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True,
+                          **vision.dataset_args("train"))
     lengths = [len(e.input_ids) for e in plan.train.examples]
     if recipe.train.packing:  # a batch is then per_device_train_batch_size packed rows; eval batches stay unpacked
         train_ds = pack_dataset(train_ds, lengths, recipe.data.max_length, recipe.train.seed, log)
         lengths = [sum(lengths[i] for i in b) for b in train_ds.bins]
         collator = packing_collator_for(plan.family, pad_id, pad_to_multiple_of=multiple, unpacked=collator,
                                         attention=plan.runtime.attn_implementation)
-    eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True)
-               if plan.eval else None)
+    eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True,
+                          **vision.dataset_args("eval")) if plan.eval else None)
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                                eval_dataset=eval_ds, processing_class=plan.processor,
                                lengths=lengths if recipe.train.group_by_length else None,
@@ -160,6 +163,7 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     # recorded in train_results.json and vlmtune.json
     trainer.fast_path = {"gradient_checkpointing": checkpointing.record(), "liger_kernel": kernels,
                          "data_loading": loader_sizing(plan).note}
+    trainer.vision_cache = vision  # its metrics go into train_results.json
     return trainer, report
 
 
@@ -260,6 +264,7 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
     if plan.eval is not None and plan.eval.examples:
         metrics.update(_final_eval(trainer))
     metrics.update(trainer.bad_sample_report())  # collective under multi-process: every rank
+    metrics.update(trainer.vision_cache.metrics())
     adapter_state = gathered_adapter_state(trainer.model)  # ZeRO-3: collective, every rank; else None
     if trainer.is_world_process_zero():
         write_outputs(trainer, plan, folder.work, metrics, adapter_state=adapter_state)

@@ -97,6 +97,10 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint folder
     group_by_length: bool = False  # batches of similar lengths: less padding, a little less randomness
     max_nonfinite_steps: int = 3  # stop (saving nothing non-finite) after this many steps with a NaN/inf loss or grad
+    # auto | true | false: a frozen vision tower and projector run once per example, their outputs stored under
+    # $VLMTUNE_CACHE/vision/ and fed to every later step (vision_cache.py); auto: when frozen and the data is seen
+    # more than once; true where it cannot work is refused
+    cache_vision_features: str = "auto"
     # whole examples packed into rows of up to data.max_length tokens, no attention across them (data/packing.py);
     # per_device_train_batch_size then counts packed rows; refused for families whose Family.packing_refused says why
     packing: bool = False
@@ -149,6 +153,7 @@ CHOICES = {
     "data.train_on": tuple(t.value for t in TrainOn),
     "data.on_overlong": ("drop", "error", "shrink_images"),
     "data.check_images": ("auto", "decode", "header"),
+    "train.cache_vision_features": ("auto", "true", "false"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                                 "polynomial", "inverse_sqrt"),
     "train.optim": ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
@@ -157,7 +162,8 @@ CHOICES = {
     "train.gradient_checkpointing": ("auto", "true", "false"),
     "train.liger_kernel": ("auto", "true", "false"),
 }
-ALIASES = {"model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},
+ALIASES = {"train.cache_vision_features": {True: "true", False: "false"},
+           "model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},
            "quantization.compute_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
            "quantization.mode": {"4-bit": "4bit", "qlora": "4bit", "8-bit": "8bit", None: "none", False: "none"},
            "distributed.deepspeed": {None: "none", False: "none", "zero-2": "zero2", "zero-3": "zero3",

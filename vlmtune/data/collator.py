@@ -6,6 +6,9 @@ Processors that tile (anyres, image splitting) give each image a different numbe
 dimension but the first is zero-padded to the batch maximum; the models read each image's real tile
 count from their own size outputs and ignore the padding.
 
+Rows whose vision features come from the vision cache (vision_cache.py) carry `encoder_outputs` instead of
+pixels: the batch gets them combined, in row order, as the model's `mm_encoder_outputs` (`Family.combine_encoder_outputs`).
+
 Rows the dataset marked `bad_sample` (media that failed to load) are dropped and listed under
 `bad_samples` for the trainer to count. A batch whose every row failed becomes one padding token with no
 label: the step still runs forward and backward, with a loss of zero (no supervised token), so gradient
@@ -22,7 +25,9 @@ from .formatting import IGNORE_INDEX
 
 class VisionCollator:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
-                 concat_keys: tuple[str, ...] = ("pixel_values",), token_keys: tuple[str, ...] = ()):
+                 concat_keys: tuple[str, ...] = ("pixel_values",), token_keys: tuple[str, ...] = (),
+                 combine=None):
+        self.combine = combine  # Family.combine_encoder_outputs: rows with cached vision features
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.concat_keys = concat_keys
@@ -64,6 +69,9 @@ class VisionCollator:
                     if f.get(key) is not None:
                         values[i, :len(f[key])] = f[key]
                 batch[key] = values
+        cached = [f["encoder_outputs"] for f in features if f.get("encoder_outputs")]
+        if cached:
+            batch["mm_encoder_outputs"] = encoder_outputs(cached, self.combine)
         if bad:
             batch["bad_samples"] = bad
         return batch
@@ -71,6 +79,31 @@ class VisionCollator:
     def _placeholder(self) -> dict[str, torch.Tensor]:
         """A one-token row that supervises nothing: the stand-in for a batch whose every row failed."""
         return {"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX])}
+
+
+class EncoderOutput(dict):
+    """Cached outputs of get_image_features (get_video_features), read by the model as attributes
+    (`out.pooler_output`); a dict, so the DataLoader and Trainer move its tensors like any batch value."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_tuple(self) -> tuple:  # a model output holding it converts it as it converts its own outputs
+        return tuple(self.values())
+
+
+def encoder_outputs(parts: list[dict], combine) -> dict[str, EncoderOutput]:
+    """`mm_encoder_outputs` of a batch from its examples' cached outputs ({"image": {name: value}, "video": ...}),
+    in batch order; `combine`: the family's rule joining one output across examples."""
+    out = {}
+    for kind in ("image", "video"):
+        own = [p[kind] for p in parts if kind in p]
+        if own:
+            out[kind] = EncoderOutput({name: combine([o[name] for o in own]) for name in own[0]})
+    return out
 
 
 def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -88,4 +121,5 @@ def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def collator_for(family, pad_token_id: int, pad_to_multiple_of: int | None = None) -> VisionCollator:
     """The collator for one family's examples (its concatenated and per-token keys)."""
-    return VisionCollator(pad_token_id, pad_to_multiple_of, family.concat_keys, family.token_keys)
+    return VisionCollator(pad_token_id, pad_to_multiple_of, family.concat_keys, family.token_keys,
+                          combine=family.combine_encoder_outputs)

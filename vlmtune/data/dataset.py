@@ -5,6 +5,9 @@ work overlaps the training step instead of running serially inside it. A row who
 decoded, or no longer match what preparation planned, raises BadSample; with `mark_bad` the row is
 returned as `bad_sample: {"source", "reason"}` instead, for the collator to drop and the trainer to count
 (workers are separate processes: what they find travels in the batch).
+
+With the vision cache (vision_cache.py) a row's media are not decoded at all: its stored encoder outputs and the
+processor outputs the model still reads (grids, sizes) come from the cache instead.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ DECODE_HINT = "; fix or remove the file (`vlmtune validate --decode` finds every
 
 
 def to_dataset(examples: list[Example], family: Family, processor, model_config=None,
-               mark_bad: bool = False) -> datasets.Dataset:
+               mark_bad: bool = False, features=None, feature_keys: list[str | None] | None = None) -> datasets.Dataset:
     """`model_config`: needed where the family's video positions depend on it (Qwen2.5-VL's tokens_per_second).
 
-    `mark_bad`: a row that fails to load becomes a `bad_sample` marker instead of raising BadSample."""
-    table = datasets.Dataset.from_dict({
+    `mark_bad`: a row that fails to load becomes a `bad_sample` marker instead of raising BadSample.
+    `features`: key -> cached vision entry or None (vision_cache.FeatureStore.read), with each example's key in
+    `feature_keys`: rows then carry `encoder_outputs` instead of pixels."""
+    columns = {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
         "images": [e.images for e in examples],
@@ -43,8 +48,11 @@ def to_dataset(examples: list[Example], family: Family, processor, model_config=
         "source": [e.source for e in examples],
         "max_pixels": [e.max_pixels for e in examples],
         "videos": [video.dumps(e.videos) for e in examples],
-    })
-    return table.with_transform(VisionTransform(family, processor, model_config, mark_bad))
+    }
+    if features is not None:
+        columns["feature_key"] = list(feature_keys)
+    table = datasets.Dataset.from_dict(columns)
+    return table.with_transform(VisionTransform(family, processor, model_config, mark_bad, features))
 
 
 def _load(path: str, source: str):
@@ -58,7 +66,8 @@ def _load(path: str, source: str):
 class VisionTransform:
     """Batch of stored rows -> model inputs per row (tensors; vision keys None for text-only rows)."""
 
-    def __init__(self, family: Family, processor, model_config=None, mark_bad: bool = False):
+    def __init__(self, family: Family, processor, model_config=None, mark_bad: bool = False, features=None):
+        self.features = features
         self.family = family
         self.processor = processor
         self.model_config = model_config
@@ -66,11 +75,12 @@ class VisionTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         rows = []
-        for ids, labels, images, grids, source, max_pixels, videos in zip(
+        keys = batch.get("feature_key") or [None] * len(batch["input_ids"])
+        for ids, labels, images, grids, source, max_pixels, videos, key in zip(
                 batch["input_ids"], batch["labels"], batch["images"], batch["grids"], batch["source"],
-                batch["max_pixels"], batch["videos"], strict=True):
+                batch["max_pixels"], batch["videos"], keys, strict=True):
             try:
-                rows.append(self._row(ids, labels, images, grids, source, max_pixels, videos))
+                rows.append(self._row(ids, labels, images, grids, source, max_pixels, videos, key))
             except BadSample as e:
                 if not self.mark_bad:
                     raise
@@ -82,10 +92,13 @@ class VisionTransform:
             keys.add("bad_sample")
         return {key: [row.get(key) for row in rows] for key in keys}
 
-    def _row(self, ids, labels, images, grids, source, max_pixels, videos) -> dict:
+    def _row(self, ids, labels, images, grids, source, max_pixels, videos, key=None) -> dict:
         input_ids = torch.tensor(ids, dtype=torch.long)
         row = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long)}
-        if images:
+        clips = video.loads(videos)
+        if self.features is not None and (images or clips):
+            row.update(self._cached(key, source))
+        elif images:
             vision = self.family.image_inputs(self.processor, [_load(p, source) for p in images],
                                               self._bounds(max_pixels))
             made = self.family.made_grids(vision) if self.family.made_grids else None
@@ -93,8 +106,7 @@ class VisionTransform:
                 raise BadSample(source, f"the image processor made grids {made} but {grids} were planned; "
                                         "did an image file change after the data was prepared?")
             row.update(vision)
-        clips = video.loads(videos)
-        if clips:
+        if clips and self.features is None:
             row.update(self._videos(clips, source))
         if self.family.position_ids is not None:
             extra = {"videos": [(c.grid, self._time_step(c)) for c in clips]} if clips else {}
@@ -103,6 +115,14 @@ class VisionTransform:
             for key, values in self.family.token_inputs(self.processor, ids).items():
                 row[key] = torch.tensor(values, dtype=torch.long)
         return row
+
+    def _cached(self, key: str | None, source: str) -> dict:
+        """The row's vision inputs from the vision cache: `encoder_outputs` and the non-pixel processor outputs."""
+        entry = self.features(key) if key else None
+        if entry is None:
+            raise BadSample(source, "its vision features are missing from the vision cache (its media failed to load "
+                                    "when the cache was built, or the entry was damaged since); the next run rebuilds it")
+        return {**entry["inputs"], "encoder_outputs": entry["outputs"]}
 
     def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
         """One sample's videos through the video processor, as the sampled frames planned."""

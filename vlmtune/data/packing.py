@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from .collator import concat_padded
+from .collator import concat_padded, encoder_outputs
 from .formatting import IGNORE_INDEX
 
 
@@ -82,7 +82,8 @@ class PackingCollator:
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
                  concat_keys: tuple[str, ...] = ("pixel_values",), token_keys: tuple[str, ...] = (),
-                 multirow_positions: bool = False, unpacked=None, one_row: bool = False):
+                 multirow_positions: bool = False, unpacked=None, one_row: bool = False, combine=None):
+        self.combine = combine  # Family.combine_encoder_outputs: examples with cached vision features
         # flash-attention finds packed examples only in a batch of one row (transformers' _is_packed_sequence):
         # one_row puts all bins of the batch into a single row (the loss is the same token-weighted mean)
         self.one_row = one_row
@@ -118,6 +119,9 @@ class PackingCollator:
             parts = [e[key] for e in examples if e.get(key) is not None]
             if parts:
                 batch[key] = concat_padded(parts)
+        cached = [e["encoder_outputs"] for e in examples if e.get("encoder_outputs")]
+        if cached:  # in the order of the examples, as the vision tensors above
+            batch["mm_encoder_outputs"] = encoder_outputs(cached, self.combine)
         # with a cache the model skips finding the examples from the positions (one causal block for the row)
         batch["use_cache"] = False
         if bad:
@@ -170,7 +174,7 @@ def packing_collator_for(family, pad_token_id: int, pad_to_multiple_of: int | No
     """The packing collator for one family's examples; batches of plain rows go to `unpacked` (eval's)."""
     return PackingCollator(pad_token_id, pad_to_multiple_of, family.concat_keys, family.token_keys,
                            multirow_positions=family.position_ids is not None, unpacked=unpacked,
-                           one_row=attention.startswith("flash"))
+                           one_row=attention.startswith("flash"), combine=family.combine_encoder_outputs)
 
 
 def pack_dataset(rows, lengths: list[int], capacity: int, seed: int, log=print):

@@ -80,6 +80,19 @@ def blank_image_inputs(family: Family, processor) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
+def concat_encoder_outputs(parts: list):
+    """One output of get_image_features (get_video_features) for a batch, from the outputs of its examples each
+    encoded alone, in batch order: tensors concatenate along dim 0 (images or tiles), lists of tensors (one per
+    image or per sample) join, and lists of lists (one per layer, e.g. Qwen3-VL's DeepStack features) join
+    layer by layer."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=0)
+    if first and isinstance(first[0], (list, tuple)):
+        return [concat_encoder_outputs(list(layer)) for layer in zip(*parts, strict=True)]
+    return [item for part in parts for item in part]
+
+
 def grid_key(key: str) -> Callable[[dict], list | None]:
     """`made_grids` reading one output of the image (video) processor, e.g. `image_grid_thw`."""
 
@@ -117,6 +130,8 @@ class Family:
     size_knob: str = ""  # what sizes this family's images instead (named when min/max_pixels are refused)
     # --- batching: processor outputs concatenated along dim 0 (other dims zero-padded); per-token inputs
     concat_keys: tuple[str, ...] = ("pixel_values",)
+    # the concat_keys only the vision encoder reads: left out of a batch whose features come from the vision cache
+    encoder_only_keys: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
     token_inputs: TokenInputsFn | None = None
     token_keys: tuple[str, ...] = ()  # the keys token_inputs returns (padded like input_ids, with 0)
     position_ids: PositionFn | None = None  # None: the model's default 1-D positions
@@ -137,6 +152,8 @@ class Family:
     # the outputs of the model's get_image_features that the model feeds on (its dummy image feeds on them all,
     # so a text-only batch gives every trained vision/projector weight a gradient, as an image batch does)
     image_feature_outputs: tuple[str, ...] = ("pooler_output",)
+    # (outputs of one image_feature_outputs name, one per example) -> that output for the batch (vision cache)
+    combine_encoder_outputs: Callable[[list], object] = concat_encoder_outputs
     # liger-kernel's patch of this family (None: liger has none); the fused linear cross-entropy is never asked
     liger: LigerPatch | None = None
     # --- the tiny offline test model: builtin name, and () -> (config, model class, processor)

@@ -211,6 +211,7 @@ def _family(name: str, description: str, model_class: str, **kw) -> Family:
         size_knob="its image processor's `size.longest_edge` (every image is resized to it) and "
                   "`max_image_size.longest_edge` (the tile side)",
         concat_keys=("pixel_values", "pixel_attention_mask"),
+        encoder_only_keys=("pixel_values", "pixel_attention_mask"),
         **kw,
     )
 

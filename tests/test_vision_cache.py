@@ -1,0 +1,298 @@
+"""The frozen-vision feature cache (train.cache_vision_features): cached features give the same loss and
+gradients as the vision tower (every family; packed rows too), the tower is not run once the cache is built, a
+second run reuses it, changed media or pixel bounds miss, a damaged entry is rebuilt, the size is printed and a
+full disk refused, and auto / true / false decide as documented."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vlmtune
+from tests.conftest import BUILTIN, FAMILIES
+from vlmtune import families
+from vlmtune.data.collator import collator_for
+from vlmtune.data.dataset import to_dataset
+from vlmtune.data.packing import packed_dataset, packing_collator_for
+from vlmtune.disk import DiskFullError
+from vlmtune.training import build_trainer
+from vlmtune.vision_cache import FeatureStore, MediaHasher, decide, model_key, problems, setting
+from vlmtune.vision_cache_prepass import encode
+
+PACKING = [f for f in FAMILIES if families.get(f).packs]
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vc-images")
+    out = {}
+    for name, size, colour in (("red", (56, 56), (255, 0, 0)), ("wide", (120, 40), (0, 0, 255)),
+                               ("tall", (30, 90), (0, 200, 0))):
+        out[name] = root / f"{name}.png"
+        Image.new("RGB", size, colour).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_data(media, tmp_path_factory) -> Path:
+    """Six rows: one, two and no images, so batches join different numbers of images per example."""
+    layouts = [["red"], ["wide", "tall"], [], ["tall"], ["red", "wide"], ["wide"]]
+    lines = []
+    for i, names in enumerate(layouts):
+        content = [{"type": "image", "image": str(media[n])} for n in names]
+        content.append({"type": "text", "text": "what is shown here " * (1 + i % 3)})
+        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": f"answer number {i} " * (1 + i % 2)}]}))
+    path = tmp_path_factory.mktemp("vc-data") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def recipe_for(family: str, data: Path, out: Path, **overrides):
+    fields = {"model.name_or_path": f"builtin:{BUILTIN[family]}", "data.train": str(data), "output_dir": str(out),
+              "train.max_steps": 2, "train.per_device_train_batch_size": 3, "train.gradient_accumulation_steps": 1,
+              "train.learning_rate": 1e-2, "train.lr_scheduler_type": "constant", "train.warmup_ratio": 0.0,
+              "train.logging_steps": 1, "train.save_steps": 1000, "train.gradient_checkpointing": False,
+              "data.num_workers": 0, "lora.dropout": 0.0, "model.dtype": "float32"}
+    fields.update(overrides)
+    return vlmtune.load_recipe(None, overrides=fields)
+
+
+def fresh_cache(monkeypatch, tmp_path: Path) -> Path:
+    """An empty vision cache for this test (the built-in models stay where the session made them)."""
+    import vlmtune.vision_cache_prepass
+
+    root = tmp_path / "vision-cache"
+    monkeypatch.setattr(vlmtune.vision_cache_prepass, "cache_root", lambda: root)
+    return root
+
+
+def with_setting(plan, value, **train):
+    recipe = copy.deepcopy(plan.recipe)
+    recipe.train.cache_vision_features = value
+    for k, v in train.items():
+        setattr(recipe.train, k, v)
+    return dataclasses.replace(plan, recipe=recipe)
+
+
+class Raising:
+    """A forward hook that fails the test if the vision tower runs."""
+
+    def __call__(self, *args):
+        raise AssertionError("the vision tower ran although its features were cached")
+
+
+def vision_module(trainer, family):
+    return trainer.model.get_base_model().get_submodule(family.vision_prefix)
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# ---------------------------------------------------------------- training: cached = uncached, every family
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_with_cached_features_gives_the_same_losses_without_running_the_tower(
+        family, mixed_data, tmp_path, monkeypatch):
+    fresh_cache(monkeypatch, tmp_path)
+    fam = families.get(family)
+    plan = vlmtune.plan(recipe_for(family, mixed_data, tmp_path / "out"))
+    plain, _ = build_trainer(with_setting(plan, "false"), tmp_path / "a", log=_quiet)
+    plain.train()
+    assert not plain.vision_cache.on and plain.vision_cache.calls.calls > 0
+    cached, _ = build_trainer(with_setting(plan, "true"), tmp_path / "b", log=_quiet)
+    vc = cached.vision_cache
+    assert vc.on and vc.misses == 5 and vc.hits == 0 and vc.prepass_calls >= 5  # one text-only row: no entry
+    handle = vision_module(cached, fam).register_forward_hook(Raising())
+    cached.train()
+    handle.remove()
+    assert len(losses(plain)) == 2
+    torch.testing.assert_close(losses(cached), losses(plain), rtol=1e-5, atol=0)
+    assert vc.metrics()["vision_tower_calls_in_training"] == 0 and vc.metrics()["vision_cache_bytes"] > 0
+
+
+# ---------------------------------------------------------------- one batch: loss and LoRA gradients, packed too
+@pytest.fixture(scope="module")
+def lora_model(model_dir):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from vlmtune.config.schema import LoraConfig
+    from vlmtune.modeling import lora_targets
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            family = families.get(name)
+            torch.manual_seed(0)
+            base = family.load_class().from_pretrained(model_dir(name), dtype=torch.float32,
+                                                       attn_implementation="sdpa")
+            model = get_peft_model(base, PeftLoraConfig(r=4, target_modules=lora_targets(base, family, LoraConfig()),
+                                                        init_lora_weights=False))
+            cache[name] = model.eval()
+        return cache[name]
+
+    return get
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_from_stored_features_gives_the_same_loss_and_gradients(family, packed, lora_model, mixed_data,
+                                                                        tmp_path):
+    if packed and family not in PACKING:
+        pytest.skip(f"{family} does not pack: {families.get(family).packing_refused}")
+    plan = vlmtune.plan(recipe_for(family, mixed_data, tmp_path / "out"))
+    fam, processor, examples = plan.family, plan.processor, plan.train.examples
+    pad = processor.tokenizer.pad_token_id or 0
+    model = lora_model(family)
+    store, hasher = FeatureStore(tmp_path / "store"), MediaHasher()
+    keys = [hasher.key(e) for e in examples]
+    one = collator_for(fam, pad)
+    plain = to_dataset(examples, fam, processor, plan.model_config)
+    for i, key in enumerate(keys):
+        if key:
+            store.write(key, encode(model, fam, one([plain[i]]), "cpu"))
+    cached = to_dataset(examples, fam, processor, plan.model_config, features=store.read, feature_keys=keys)
+    if packed:
+        collate = packing_collator_for(fam, pad)
+        plain, cached = (packed_dataset(d, [[0, 1, 2], [3, 4, 5]]) for d in (plain, cached))
+        rows = [0, 1]
+    else:
+        collate, rows = one, list(range(len(examples)))
+    batch_plain = collate([plain[i] for i in rows])
+    batch_cached = collate([cached[i] for i in rows])
+    assert "pixel_values" in batch_plain and "pixel_values" not in batch_cached
+    assert "mm_encoder_outputs" in batch_cached
+    loss_p, grads_p = _loss_and_grads(model, batch_plain)
+    loss_c, grads_c = _loss_and_grads(model, batch_cached)
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=0)
+    assert grads_p.keys() == grads_c.keys()
+    for name, g in grads_p.items():
+        assert (grads_c[name] - g).norm() <= 1e-5 * g.norm() + 1e-12, name
+
+
+# ---------------------------------------------------------------- reuse, misses, damage, disk
+def test_second_run_reuses_the_cache_and_reports_it(mixed_data, tmp_path, monkeypatch):
+    fresh_cache(monkeypatch, tmp_path)
+    recipe = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.num_train_epochs": 2, "train.max_steps": -1})
+    lines = []
+    result = vlmtune.train(recipe, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any(line.startswith("vision feature cache: on (the vision side is frozen and the run sees its data 2")
+               for line in lines), lines
+    assert any("media tokens x" in line for line in lines)  # the size, printed before writing
+    saved = json.loads((result.output_dir / "train_results.json").read_text())
+    assert saved["vision_cache"] is True and saved["vision_cache_misses"] == 5
+    assert saved["vision_tower_calls"] == saved["vision_cache_misses"] and saved["vision_tower_calls_in_training"] == 0
+    plan = vlmtune.plan(recipe)
+    again, _ = build_trainer(plan, tmp_path / "ck", log=_quiet)
+    vc = again.vision_cache
+    assert (vc.hits, vc.misses, vc.prepass_calls, vc.written_bytes) == (5, 0, 0, 0)
+    assert vc.metrics()["vision_cache_bytes"] == saved["vision_cache_bytes"] > 0
+
+
+def test_a_damaged_entry_is_rebuilt_and_a_text_only_run_needs_none(mixed_data, tmp_path, monkeypatch):
+    fresh_cache(monkeypatch, tmp_path)
+    plan = with_setting(vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out")), "true")
+    first, _ = build_trainer(plan, tmp_path / "a", log=_quiet)
+    store, key = first.vision_cache.store, first.vision_cache.train_keys[0]
+    path = store.path(key)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
+    assert not store.valid(key) and store.read(key) is None
+    second, _ = build_trainer(plan, tmp_path / "b", log=_quiet)
+    vc = second.vision_cache
+    assert (vc.hits, vc.misses, vc.rebuilt) == (4, 1, 1) and store.valid(key)
+    second.train()
+    assert vc.metrics()["vision_tower_calls_in_training"] == 0
+
+
+def test_changed_image_or_pixel_bound_misses(media, mixed_data, tmp_path, monkeypatch):
+    fresh_cache(monkeypatch, tmp_path)
+    plan = vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out"))
+    example = plan.train.examples[0]
+    before = MediaHasher().key(example)
+    assert MediaHasher().key(example) == before and MediaHasher().key(plan.train.examples[2]) is None
+    image = Path(example.images[0])
+    original = image.read_bytes()
+    try:
+        Image.new("RGB", (56, 56), (254, 0, 0)).save(image)  # same size and grid, other pixels
+        assert MediaHasher().key(example) != before
+    finally:
+        image.write_bytes(original)
+    assert MediaHasher().key(dataclasses.replace(example, max_pixels=3136)) != before  # a shrunk sample
+    bounded = vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"data.max_pixels": 200_704}))
+    assert model_key(bounded)[0] != model_key(plan)[0]  # the recipe's pixel bounds are in the model's key
+    assert model_key(plan)[0] == model_key(vlmtune.plan(plan.recipe))[0]
+
+
+def test_size_is_printed_and_a_full_disk_refused_before_writing(mixed_data, tmp_path, monkeypatch):
+    import vlmtune.disk
+
+    fresh_cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(vlmtune.disk, "free_bytes", lambda path: 1000)
+    plan = with_setting(vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out")), "true")
+    lines = []
+    with pytest.raises(DiskFullError, match="the vision feature cache was not built: not enough disk space"):
+        build_trainer(plan, tmp_path / "a", log=lines.append)
+    assert any("media tokens x" in line and "bytes = about" in line for line in lines), lines
+    assert not list((tmp_path / "vision-cache").rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- auto / true / false
+@pytest.fixture(scope="module")
+def qwen_plan(mixed_data, tmp_path_factory):
+    return vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path_factory.mktemp("vc-out")))
+
+
+FROZEN = {"vision": (0, 10), "projector": (0, 10), "language": (5, 10)}
+
+
+def test_auto_turns_on_only_when_frozen_and_the_data_is_seen_more_than_once(qwen_plan):
+    def on(report=FROZEN, value="auto", **train):
+        return decide(with_setting(qwen_plan, value, **train), report)
+
+    assert on(num_train_epochs=2.0, max_steps=-1)[0]
+    assert on(max_steps=3)[0]  # 3 steps of 3 rows: 1.5 passes over 6 examples
+    flag, why = on(max_steps=2)
+    assert not flag and "sees its data 1 time" in why
+    assert on(value="true", max_steps=1)[0]  # true: built even for one pass (for later runs)
+    assert on(value="false", max_steps=9) == (False, "train.cache_vision_features is false")
+    flag, why = on({**FROZEN, "projector": (3, 10)}, max_steps=9)
+    assert not flag and "projector parameters train" in why
+    with pytest.raises(vlmtune.VlmtuneError, match="cannot be true here: the vision parameters train"):
+        on({**FROZEN, "vision": (3, 10)}, value="true")
+    assert setting(qwen_plan.recipe) == "auto" and setting(with_setting(qwen_plan, True).recipe) == "true"
+
+
+def test_true_is_refused_where_it_cannot_work(mixed_data, tmp_path):
+    recipe = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.cache_vision_features": True,
+                                                                    "lora.train_projector": True})
+    with pytest.raises(vlmtune.PreflightError, match="train.cache_vision_features: cannot be true here: "
+                                                     "lora.train_projector is true"):
+        vlmtune.plan(recipe)
+    family = families.get("qwen2_vl")
+    plain = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.cache_vision_features": "true"})
+    assert problems(plain, family, zero_stage=0, world_size=1) == []
+    assert "ZeRO-3" in str(problems(plain, family, zero_stage=3, world_size=2)[0])
+    assert "several processes" in str(problems(plain, family, zero_stage=2, world_size=2)[0])
+    plain.lora.modules_to_save = ["merger"]
+    assert "modules_to_save trains merger" in str(problems(plain, family, zero_stage=0, world_size=1)[0])
+    with pytest.raises(vlmtune.RecipeError, match="train.cache_vision_features: must be one of auto, true, false"):
+        recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.cache_vision_features": "yes"})

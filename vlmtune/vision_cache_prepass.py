@@ -1,0 +1,236 @@
+"""Building the vision feature cache before training, and counting the vision tower's calls.
+
+What is stored is what the model's own forward computes: the inner model's `get_image_features` /
+`get_video_features` are wrapped to record their return value, and a pre-hook on the language model stops the
+forward there, so nothing family-specific is called by name. Examples run one at a time (their outputs are
+then exactly one example's; the family's `combine_encoder_outputs` joins them per batch), without gradients,
+in eval mode, their media decoded by DataLoader workers as in training."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.collator import collator_for
+from .data.dataset import to_dataset
+from .disk import check_space, human_size
+from .vision_cache import FeatureStore, MediaHasher, cache_root, decide, model_key
+
+WHAT = "the vision feature cache was not built"
+ADVICE = ("free up space, point $VLMTUNE_CACHE at a larger disk, or set train.cache_vision_features: false")
+
+
+class VisionCalls:
+    """Counts forward calls of the model's vision tower (a forward hook)."""
+
+    def __init__(self, model, family):
+        self.calls = 0
+        self._handle = _base(model).get_submodule(family.vision_prefix).register_forward_hook(self._count)
+
+    def _count(self, *args) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class VisionCache:
+    """The cache of one run: on or off (and why), each example's entry key, and what the pre-pass did."""
+
+    on: bool
+    reason: str
+    calls: VisionCalls
+    store: FeatureStore | None = None
+    train_keys: list[str | None] = field(default_factory=list)
+    eval_keys: list[str | None] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    rebuilt: int = 0
+    written_bytes: int = 0
+    prepass_calls: int = 0
+
+    def dataset_args(self, split: str) -> dict:
+        """Keyword arguments of `to_dataset` for a split (none when the cache is off)."""
+        if not self.on:
+            return {}
+        return {"features": self.store.read, "feature_keys": self.train_keys if split == "train" else self.eval_keys}
+
+    def metrics(self) -> dict:
+        return {"vision_cache": self.on, "vision_tower_calls": self.calls.calls,
+                "vision_tower_calls_in_training": self.calls.calls - self.prepass_calls,
+                "vision_cache_hits": self.hits, "vision_cache_misses": self.misses,
+                "vision_cache_rebuilt": self.rebuilt, "vision_cache_written_bytes": self.written_bytes,
+                "vision_cache_bytes": self._bytes()}
+
+    def _bytes(self) -> int:
+        if not self.on:
+            return 0
+        total = 0
+        for key in {k for k in self.train_keys + self.eval_keys if k}:
+            try:
+                total += self.store.path(key).stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache:
+    """Decide whether the run uses the cache (one log line says so and why) and, if it does, build what is
+    missing. Counts vision tower calls from here on either way."""
+    calls = VisionCalls(model, plan.family)
+    on, reason = decide(plan, report)
+    log(f"vision feature cache: {'on' if on else 'off'} ({reason})")
+    cache = VisionCache(on, reason, calls)
+    if not on:
+        return cache
+    key, described = model_key(plan)
+    cache.store = store = FeatureStore(cache_root() / key)
+    _describe(store.folder, described)
+    hasher = MediaHasher()
+    cache.train_keys = [hasher.key(e) for e in plan.train.examples]
+    evals = plan.eval.examples if plan.eval else []
+    cache.eval_keys = [hasher.key(e) for e in evals]
+    todo: dict[str, object] = {}
+    for k, example in zip(cache.train_keys + cache.eval_keys, list(plan.train.examples) + list(evals), strict=True):
+        if k is None or k in todo:
+            continue
+        if store.valid(k):
+            continue
+        if store.path(k).exists():
+            cache.rebuilt += 1
+        todo[k] = example
+    unique = {k for k in cache.train_keys + cache.eval_keys if k}
+    cache.misses = len(todo)
+    cache.hits = len(unique) - cache.misses
+    if todo:
+        before = calls.calls
+        _prepass(model, plan, store, todo, workers, cache, log)
+        cache.prepass_calls = calls.calls - before
+    log(f"vision feature cache: {cache.hits} entries reused, {cache.misses} computed ({store.folder})")
+    return cache
+
+
+def _describe(folder: Path, described: dict) -> None:
+    """model.json beside the entries: what the folder's key hashes (for a person looking at the cache)."""
+    path = folder / "model.json"
+    if path.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(described, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+class _Stop(Exception):
+    """Raised by the language model's pre-hook: the vision outputs are recorded, the rest is not needed."""
+
+
+@contextmanager
+def _recording(model, family):
+    """Records what the inner model's get_image_features / get_video_features return; stops before the LM."""
+    base = _base(model)
+    inner = base.get_submodule(family.language_prefix.rpartition(".")[0])
+    records: dict[str, object] = {}
+    patched = []
+    for kind, name in (("image", "get_image_features"), ("video", "get_video_features")):
+        original = getattr(inner, name, None)
+        if original is None:
+            continue
+
+        def recorded(*args, _original=original, _kind=kind, **kwargs):
+            out = _original(*args, **kwargs)
+            records[_kind] = out
+            return out
+
+        setattr(inner, name, recorded)
+        patched.append(name)
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    handle = base.get_submodule(family.language_prefix).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        yield records
+    finally:
+        handle.remove()
+        for name in patched:
+            delattr(inner, name)
+
+
+def encode(model, family, batch: dict, device) -> dict:
+    """One collated example's cache entry: the recorded encoder outputs the model reads, and the processor
+    outputs it still needs without pixels (grids, sizes)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+    with _recording(model, family) as records, torch.no_grad():
+        try:
+            _base(model)(**inputs, use_cache=False)
+        except _Stop:
+            pass
+    outputs = {}
+    for kind, out in records.items():
+        outputs[kind] = {n: getattr(out, n) for n in family.image_feature_outputs if getattr(out, n, None) is not None}
+    kept = {k: batch[k] for k in family.concat_keys if k not in family.encoder_only_keys and k in batch}
+    return {"outputs": outputs, "inputs": kept}
+
+
+def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: VisionCache, log) -> None:
+    """Encode every example in `todo` (key -> example) and store it; the size is printed and checked first."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    family = plan.family
+    keys, examples = list(todo), list(todo.values())
+    pad = plan.processor.tokenizer.pad_token_id or 0
+    rows = to_dataset(examples, family, plan.processor, plan.model_config, mark_bad=True)
+    loader = DataLoader(rows, batch_size=1, collate_fn=collator_for(family, pad), num_workers=workers)
+    tokens = [e.media_tokens("image") + e.media_tokens("video") for e in examples]
+    device = next(_base(model).parameters()).device
+    was_training = model.training
+    model.eval()
+    per_token = None
+    try:
+        for key, n, batch in tqdm(zip(keys, tokens, loader, strict=True), total=len(keys), desc="caching vision features"):
+            if batch.get("bad_samples"):  # counted by the trainer when the row comes up in training
+                continue
+            entry = encode(model, family, batch, device)
+            if per_token is None:
+                per_token = _check_size(entry, n, sum(tokens), len(keys), store.folder, log)
+            cache.written_bytes += store.write(key, entry)
+    finally:
+        model.train(was_training)
+
+
+def _check_size(entry: dict, tokens: int, total_tokens: int, entries: int, folder: Path, log) -> float:
+    """Print the cache's size (media tokens x bytes per token, measured on the first entry) and refuse when the
+    disk cannot hold it."""
+    nbytes = sum(t.numel() * t.element_size() for t in _tensors(entry))
+    per_token = nbytes / max(tokens, 1)
+    needed = int(per_token * total_tokens) + 8192 * entries  # a header and a partly filled block per file
+    log(f"vision feature cache: {total_tokens:,} media tokens x {per_token:,.0f} bytes = about {human_size(needed)} "
+        f"to write under {folder}")
+    check_space(folder, needed, WHAT, subject="the cached features", advice=ADVICE)
+    return per_token
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
