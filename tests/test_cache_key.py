@@ -169,3 +169,14 @@ def test_format_example_is_what_a_miss_calls(tmp_path, cache_dir, monkeypatch):
     assert len(calls) == 4  # every row but the one whose image is missing
     _prepare(_recipe(path))
     assert len(calls) == 4
+
+
+def test_a_cache_that_cannot_be_written_is_no_error(tmp_path, model_dir, monkeypatch, capsys):
+    model = {"model.name_or_path": str(model_dir("qwen2_vl"))}  # built before the cache is blocked
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache would be")
+    monkeypatch.setenv("VLMTUNE_CACHE", str(blocked))
+    path = _data(tmp_path)
+    data = _prepare(_recipe(path, **model))
+    assert data == _prepare(_recipe(path, **model, **{"data.cache": False})) and len(data.examples) == 3
+    assert "prepared data not cached in " in capsys.readouterr().err

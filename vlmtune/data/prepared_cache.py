@@ -170,10 +170,26 @@ def _rebuild(meta: dict, rows: list[dict], ids, labels, offsets) -> PreparedData
     return out
 
 
-def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] | None = None) -> Path:
+def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] | None = None) -> Path | None:
     """Write the entry atomically (a temp folder renamed into place); an entry already there is kept. `log`: where
-    the line saying so goes (default: stderr, beside the progress bars, so that `inspect --json` stays JSON)."""
+    the line saying so goes (default: stderr, beside the progress bars, so that `inspect --json` stays JSON).
+
+    A cache that cannot be written (a full disk, a read-only or missing home) is no error: the run goes on with
+    the data it prepared, the line says why nothing was cached, and None is returned."""
+    say = log or _to_stderr
     final = cache_root() / key
+    try:
+        _write(final, key, data, sizes)
+        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+    except OSError as e:
+        say(f"prepared data not cached in {final.parent}: {e.strerror or e}; the run goes on without the cache "
+            "(data.cache: false skips it; $VLMTUNE_CACHE moves it)")
+        return None
+    say(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
+    return final
+
+
+def _write(final: Path, key: str, data: PreparedData, sizes: dict) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
     try:
@@ -181,8 +197,9 @@ def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] 
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         flat = [t for e in data.examples for t in e.input_ids]
         flat_labels = [t for e in data.examples for t in e.labels]
-        np.savez(tmp / "tokens.npz", input_ids=np.asarray(flat, dtype=np.int64),
-                 labels=np.asarray(flat_labels, dtype=np.int64), offsets=offsets)
+        dtype = np.int32 if max(flat, default=0) < 2**31 else np.int64  # half the bytes for any real vocabulary
+        np.savez(tmp / "tokens.npz", input_ids=np.asarray(flat, dtype=dtype),
+                 labels=np.asarray(flat_labels, dtype=dtype), offsets=offsets)
         with (tmp / "examples.jsonl").open("w") as f:
             for e in data.examples:
                 f.write(json.dumps({"images": e.images, "grids": [list(g) for g in e.grids], "source": e.source,
@@ -202,9 +219,6 @@ def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-    (log or _to_stderr)(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
-    return final
 
 
 def _to_stderr(line: str) -> None:
