@@ -81,7 +81,7 @@ def run_trl(spec: dict) -> dict:
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     setup_seconds = time.perf_counter() - t0
-    probe = make_probe(_pad_id(processor.tokenizer), VISION_PREFIX)
+    probe = make_probe(_pad_id(processor.tokenizer), VISION_PREFIX, spec.get("profile_step"))
     probe.attach(trainer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -171,14 +171,16 @@ def run_vlmtune(spec: dict) -> dict:
 
     os.environ["VLMTUNE_CACHE"] = spec["cache_dir"]  # fresh per run: the arm builds its own caches
     fields, skipped = arm_fields(spec)
-    pre = {"seconds": 0.0, "vision_calls": 0}
+    pre = {"seconds": 0.0, "cpu_seconds": 0.0, "vision_calls": 0}
     captured: dict = {}
     original_build = vt.build_trainer
     original_setup = getattr(vt, "vision_cache_setup", None)
 
     def build_trainer_with_probe(plan, *args, **kwargs):  # vlmtune.train takes no callbacks; attach ours here
+        t0 = time.perf_counter()
         trainer, report = original_build(plan, *args, **kwargs)
-        probe = make_probe(_pad_id(plan.processor.tokenizer), plan.family.vision_prefix)
+        captured["build_trainer_seconds"] = time.perf_counter() - t0  # model load, pre-pass, checkpointing probe
+        probe = make_probe(_pad_id(plan.processor.tokenizer), plan.family.vision_prefix, spec.get("profile_step"))
         probe.attach(trainer)
         captured.update(trainer=trainer, probe=probe)
         return trainer, report
@@ -190,11 +192,11 @@ def run_vlmtune(spec: dict) -> dict:
             pre["vision_calls"] += 1
 
         handle = base_model(model).get_submodule(VISION_PREFIX).register_forward_hook(count)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             return original_setup(model, *args, **kwargs)
         finally:
-            pre["seconds"] = time.perf_counter() - t0
+            pre["seconds"], pre["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - cpu0
             handle.remove()
 
     vt.build_trainer = build_trainer_with_probe
@@ -212,6 +214,7 @@ def run_vlmtune(spec: dict) -> dict:
             "train_loss": m.get("train_loss"), "setup_seconds": total - (m.get("wall_seconds") or 0.0),
             "train_examples": m.get("train_examples"), "vlmtune_metrics": m, "recipe": str(recipe_path),
             "recipe_fields": fields, "skipped_fields": skipped,
+            "build_trainer_seconds": captured.get("build_trainer_seconds"),
             **_memory(cuda),  # vlmtune.train resets the peak right before training
             "effective": effective(trainer)}
 

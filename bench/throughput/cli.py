@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<arch>-<quant>.json)")
     p.add_argument("--name", default=None, help="free-form label stored in the JSON")
     p.add_argument("--arm-timeout", type=float, default=None, help="seconds per arm process")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="profile this training step (1-based) in every arm: forward seconds of the vision tower, "
+                        "decoder and LM head, and torch.profiler's top operators (raw.<arm>.probe.profile; the "
+                        "profiler's overhead falls into that arm's timing)")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arm_list if a not in ARMS]
@@ -132,14 +136,17 @@ def main(argv=None) -> int:
                 "learning_rate": args.learning_rate, "quant": args.quant,
                 "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, **pixels,
                 "num_workers": args.num_workers, "torch_threads": args.torch_threads,
-                "pack_capacity": capacity, "packed_batch_size": packed_batch, "result": str(arm_dir / "result.json")}
+                "profile_step": args.profile_step, "pack_capacity": capacity, "packed_batch_size": packed_batch,
+                "result": str(arm_dir / "result.json")}
         write_json(arm_dir / "spec.json", spec)
         Path(spec["result"]).unlink(missing_ok=True)
         log = arm_dir / "arm.log"
         print(f"[{arm}] running in its own process (log: {log}) ...", flush=True)
         load_before = load_average()
+        # OMP_NUM_THREADS too: vlmtune keeps a thread count the user set that way instead of choosing its own
+        threads = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None
         rc, wall, tail = run_child([sys.executable, str(ENTRY), "_arm", str(arm_dir / "spec.json")], log,
-                                   args.arm_timeout)
+                                   args.arm_timeout, threads)
         if rc == 0:
             raw = read_json(Path(spec["result"]))
         else:
@@ -172,7 +179,8 @@ def main(argv=None) -> int:
             "arch": args.arch, "quant": args.quant, "arms": args.arm_list, "batch_size": args.batch_size,
             "epochs": args.epochs, "num_samples": n, "image_size": args.image_size,
             "gradient_checkpointing": args.gradient_checkpointing, "learning_rate": args.learning_rate,
-            "seed": args.seed, "torch_threads": args.torch_threads, "vlmtune_num_workers": args.num_workers,
+            "seed": args.seed, "torch_threads": args.torch_threads, "profile_step": args.profile_step,
+            "vlmtune_num_workers": args.num_workers,
             "lora": {**LORA, "trl_target_modules": TRL_TARGET_REGEX,
                      "vlmtune_target_modules": "vlmtune default (language model linear layers)"},
             "vlmtune_fast": {"wanted_fields": FAST_FIELDS, "pack_capacity_tokens": capacity,

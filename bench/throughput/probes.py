@@ -24,8 +24,10 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def make_probe(pad_token_id: int, vision_prefix: str):
+def make_probe(pad_token_id: int, vision_prefix: str, profile_step: int | None = None):
     from transformers import TrainerCallback
+
+    from .profile import StepProfile
 
     class Probe(TrainerCallback):
         def __init__(self):
@@ -36,6 +38,7 @@ def make_probe(pad_token_id: int, vision_prefix: str):
             self.vision_calls_before_train = None
             self._epoch_start = None
             self._epoch_counts = None
+            self.profile = StepProfile(profile_step, vision_prefix) if profile_step else None
 
         def attach(self, trainer) -> None:
             vision = base_model(trainer.model).get_submodule(self.vision_prefix)
@@ -47,6 +50,8 @@ def make_probe(pad_token_id: int, vision_prefix: str):
                 return original(model, inputs, *args, **kwargs)
 
             trainer.compute_loss = counted_loss
+            if self.profile is not None:
+                self.profile.attach(trainer.model)
             trainer.add_callback(self)
 
         def _on_vision(self, *_):
@@ -71,10 +76,16 @@ def make_probe(pad_token_id: int, vision_prefix: str):
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             _sync()
-            self._epoch_start = time.perf_counter()
+            self._epoch_start, self._epoch_cpu = time.perf_counter(), time.process_time()
             self._epoch_counts = dict(self.counts)
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.profile is not None:
+                self.profile.begin(state.global_step)
+
         def on_step_end(self, args, state, control, **kwargs):
+            if self.profile is not None:
+                self.profile.end()
             if self.t_first_step is None:
                 _sync()
                 self.t_first_step = time.perf_counter()
@@ -82,7 +93,8 @@ def make_probe(pad_token_id: int, vision_prefix: str):
         def on_epoch_end(self, args, state, control, **kwargs):
             _sync()
             now = time.perf_counter()
-            entry = {"seconds": now - self._epoch_start, "steps_at_end": state.global_step}
+            entry = {"seconds": now - self._epoch_start, "cpu_seconds": time.process_time() - self._epoch_cpu,
+                     "steps_at_end": state.global_step}
             entry.update({k: self.counts[k] - self._epoch_counts[k] for k in self.counts})
             self.epochs.append(entry)
             self.t_end = now
@@ -91,7 +103,8 @@ def make_probe(pad_token_id: int, vision_prefix: str):
             seconds = sum(e["seconds"] for e in self.epochs)
             return {"epochs": self.epochs, "train_seconds": seconds, "counts": dict(self.counts),
                     "vision_calls_before_train": self.vision_calls_before_train,
-                    "first_step_seconds": (self.t_first_step - self.t_begin) if self.t_first_step else None}
+                    "first_step_seconds": (self.t_first_step - self.t_begin) if self.t_first_step else None,
+                    "profile": self.profile.result if self.profile is not None else None}
 
     return Probe()
 

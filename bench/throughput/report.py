@@ -7,7 +7,7 @@ import math
 from . import flops
 from .common import GIB, bf16_peak
 
-RATIO_KEYS = ("samples_per_second", "supervised_tokens_per_second", "non_pad_tokens_per_second",
+RATIO_KEYS = ("samples_per_second", "samples_per_cpu_second", "supervised_tokens_per_second", "non_pad_tokens_per_second",
               "padding_fraction", "peak_gpu_memory_bytes", "peak_rss_bytes", "train_seconds", "wall_seconds")
 PAIRS = (("vlmtune-fast", "trl"), ("vlmtune", "trl"), ("vlmtune-fast", "vlmtune"))
 
@@ -19,7 +19,7 @@ def _div(a, b):
 def figures(raw: dict, epochs: int, model_config: dict | None, samples: list[dict] | None, device: str) -> dict:
     """The numbers the report compares, for one arm that ran."""
     probe = raw["probe"]
-    pre = raw.get("prepass") or {"seconds": 0.0, "vision_calls": 0}
+    pre = raw.get("prepass") or {"seconds": 0.0, "cpu_seconds": 0.0, "vision_calls": 0}
     n = raw.get("train_examples") or 0
     seen = n * epochs
     train_s = probe["train_seconds"]
@@ -30,6 +30,8 @@ def figures(raw: dict, epochs: int, model_config: dict | None, samples: list[dic
     out = {
         "samples_per_second": _div(seen, seconds),
         "samples_per_second_epochs_only": _div(seen, train_s),
+        # main-process CPU time (DataLoader workers not included): steadier than the clock on a shared CPU
+        "cpu_seconds": sum(e.get("cpu_seconds", 0.0) for e in eps) + pre.get("cpu_seconds", 0.0),
         "supervised_tokens_per_second": _div(c["supervised"], seconds),
         "non_pad_tokens_per_second": _div(c["non_pad"], seconds),
         "padding_fraction": 1 - c["non_pad"] / c["positions"] if c["positions"] else None,
@@ -52,11 +54,16 @@ def figures(raw: dict, epochs: int, model_config: dict | None, samples: list[dic
         "peak_rss_gib": _div(rss.get("self"), GIB),
         "peak_rss_children_bytes": rss.get("children"),
         "train_seconds": seconds,
+        "build_trainer_seconds": raw.get("build_trainer_seconds"),
+        "gradient_checkpointing": (raw.get("effective") or {}).get("gradient_checkpointing"),
+        "gradient_checkpointing_reason": ((raw.get("vlmtune_metrics") or {}).get("fast_path") or {})
+        .get("gradient_checkpointing", {}).get("reason"),
         "setup_seconds": raw.get("setup_seconds"),
         "wall_seconds": raw.get("_process_wall_seconds"),
         "train_loss": raw.get("train_loss"),
         "load_average_before": raw.get("_load_before"), "load_average_after": raw.get("_load_after"),
     }
+    out["samples_per_cpu_second"] = _div(seen, out["cpu_seconds"])
     if model_config and samples:
         work = flops.mfu_flops(model_config, samples) * epochs
         out["model_flops_per_second"] = _div(work, seconds)
