@@ -24,7 +24,11 @@ WORK=${BENCH_WORK:-/tmp/vlmtune-bench}
 mkdir -p "$RESULTS/logs" "$WORK"
 
 # seconds for the next step: at most $1, and never more than what is left of the budget
-left() { local rest=$(( BUDGET - ($(date +%s) - t_start) )); (( rest < $1 )) && echo "$rest" || echo "$1"; }
+left() {
+  local rest=$(( BUDGET - ($(date +%s) - t_start) ))
+  (( rest < 1 )) && rest=1
+  (( rest < $1 )) && echo "$rest" || echo "$1"
+}
 
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv 2>/dev/null || true
 $PY - <<'PYEOF' || exit 1
