@@ -26,6 +26,7 @@ from vlmtune.vision_cache import FeatureStore, MediaHasher, decide, model_key, p
 from vlmtune.vision_cache_prepass import encode
 
 PACKING = [f for f in FAMILIES if families.get(f).packs]
+VIDEO = [f for f in FAMILIES if families.get(f).takes_video()]
 
 
 def _quiet(*args, **kwargs):
@@ -40,6 +41,9 @@ def media(tmp_path_factory) -> dict[str, Path]:
                                ("tall", (30, 90), (0, 200, 0))):
         out[name] = root / f"{name}.png"
         Image.new("RGB", size, colour).save(out[name])
+    for k in range(4):
+        out[f"frame{k}"] = root / f"frame{k}.png"
+        Image.new("RGB", (56, 56), (60 * k, 0, 200 - 40 * k)).save(out[f"frame{k}"])
     return out
 
 
@@ -54,6 +58,22 @@ def mixed_data(media, tmp_path_factory) -> Path:
         lines.append(json.dumps({"messages": [{"role": "user", "content": content},
                                               {"role": "assistant", "content": f"answer number {i} " * (1 + i % 2)}]}))
     path = tmp_path_factory.mktemp("vc-data") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def video_data(media, tmp_path_factory) -> Path:
+    """Six rows: a video (frame list) with and without an image, images alone, text alone."""
+    video = {"type": "video", "video": [str(media[f"frame{k}"]) for k in range(4)]}
+    layouts = [[video, "red"], ["wide"], [video], [], ["tall", video], [video]]
+    lines = []
+    for i, parts in enumerate(layouts):
+        content = [p if isinstance(p, dict) else {"type": "image", "image": str(media[p])} for p in parts]
+        content.append({"type": "text", "text": "what happens " * (1 + i % 3)})
+        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": f"reply {i} " * (1 + i % 2)}]}))
+    path = tmp_path_factory.mktemp("vc-video") / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -153,13 +173,16 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_batch_from_stored_features_gives_the_same_loss_and_gradients(family, packed, lora_model, mixed_data,
-                                                                        tmp_path):
-    if packed and family not in PACKING:
-        pytest.skip(f"{family} does not pack: {families.get(family).packing_refused}")
-    plan = vlmtune.plan(recipe_for(family, mixed_data, tmp_path / "out"))
+CASES = ([(f, "images", False) for f in FAMILIES] + [(f, "images", True) for f in PACKING]
+         + [(f, "video", p) for f in VIDEO for p in (False, True) if f in PACKING or not p])
+
+
+@pytest.mark.parametrize(("family", "media_kind", "packed"), CASES,
+                         ids=[f"{f}-{m}-{'packed' if p else 'rows'}" for f, m, p in CASES])
+def test_a_batch_from_stored_features_gives_the_same_loss_and_gradients(family, media_kind, packed, lora_model,
+                                                                        mixed_data, video_data, tmp_path):
+    data = video_data if media_kind == "video" else mixed_data
+    plan = vlmtune.plan(recipe_for(family, data, tmp_path / "out"))
     fam, processor, examples = plan.family, plan.processor, plan.train.examples
     pad = processor.tokenizer.pad_token_id or 0
     model = lora_model(family)
@@ -179,8 +202,10 @@ def test_a_batch_from_stored_features_gives_the_same_loss_and_gradients(family, 
         collate, rows = one, list(range(len(examples)))
     batch_plain = collate([plain[i] for i in rows])
     batch_cached = collate([cached[i] for i in rows])
-    assert "pixel_values" in batch_plain and "pixel_values" not in batch_cached
-    assert "mm_encoder_outputs" in batch_cached
+    pixels = "pixel_values_videos" if media_kind == "video" else "pixel_values"
+    assert pixels in batch_plain and pixels not in batch_cached
+    kinds = {"image", "video"} if media_kind == "video" else {"image"}
+    assert set(batch_cached["mm_encoder_outputs"]) == kinds
     loss_p, grads_p = _loss_and_grads(model, batch_plain)
     loss_c, grads_c = _loss_and_grads(model, batch_cached)
     torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=0)
@@ -192,7 +217,8 @@ def test_a_batch_from_stored_features_gives_the_same_loss_and_gradients(family, 
 # ---------------------------------------------------------------- reuse, misses, damage, disk
 def test_second_run_reuses_the_cache_and_reports_it(mixed_data, tmp_path, monkeypatch):
     fresh_cache(monkeypatch, tmp_path)
-    recipe = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.num_train_epochs": 2, "train.max_steps": -1})
+    recipe = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.num_train_epochs": 2, "train.max_steps": -1,
+                                                                    "data.eval": str(mixed_data)})  # eval: cached too
     lines = []
     result = vlmtune.train(recipe, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any(line.startswith("vision feature cache: on (the vision side is frozen and the run sees its data 2")
@@ -201,6 +227,7 @@ def test_second_run_reuses_the_cache_and_reports_it(mixed_data, tmp_path, monkey
     saved = json.loads((result.output_dir / "train_results.json").read_text())
     assert saved["vision_cache"] is True and saved["vision_cache_misses"] == 5
     assert saved["vision_tower_calls"] == saved["vision_cache_misses"] and saved["vision_tower_calls_in_training"] == 0
+    assert saved["eval_loss"] > 0
     plan = vlmtune.plan(recipe)
     again, _ = build_trainer(plan, tmp_path / "ck", log=_quiet)
     vc = again.vision_cache

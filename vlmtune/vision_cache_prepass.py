@@ -55,12 +55,14 @@ class VisionCache:
     rebuilt: int = 0
     written_bytes: int = 0
     prepass_calls: int = 0
+    bad: dict[str, str] = field(default_factory=dict)  # entry key -> why its media failed in the pre-pass
 
     def dataset_args(self, split: str) -> dict:
         """Keyword arguments of `to_dataset` for a split (none when the cache is off)."""
         if not self.on:
             return {}
-        return {"features": self.store.read, "feature_keys": self.train_keys if split == "train" else self.eval_keys}
+        return {"features": CacheReader(self.store, self.bad),
+                "feature_keys": self.train_keys if split == "train" else self.eval_keys}
 
     def metrics(self) -> dict:
         return {"vision_cache": self.on, "vision_tower_calls": self.calls.calls,
@@ -79,6 +81,19 @@ class VisionCache:
             except OSError:
                 pass
         return total
+
+
+class CacheReader:
+    """key -> the stored entry, {"problem": reason} for a row whose media failed in the pre-pass (it is a bad
+    sample when it comes up in training, named as the decode named it), or None (missing or damaged)."""
+
+    def __init__(self, store: FeatureStore, bad: dict[str, str]):
+        self.store, self.bad = store, bad
+
+    def __call__(self, key: str) -> dict | None:
+        if key in self.bad:
+            return {"problem": self.bad[key]}
+        return self.store.read(key)
 
 
 def _base(model):
@@ -145,13 +160,20 @@ def _recording(model, family):
     inner = base.get_submodule(family.language_prefix.rpartition(".")[0])
     records: dict[str, object] = {}
     patched = []
+    inside: list[str] = []  # Qwen3-VL's get_video_features calls get_image_features: the outer call is what counts
     for kind, name in (("image", "get_image_features"), ("video", "get_video_features")):
         original = getattr(inner, name, None)
         if original is None:
             continue
 
         def recorded(*args, _original=original, _kind=kind, **kwargs):
-            out = _original(*args, **kwargs)
+            if inside:
+                return _original(*args, **kwargs)
+            inside.append(_kind)
+            try:
+                out = _original(*args, **kwargs)
+            finally:
+                inside.pop()
             records[_kind] = out
             return out
 
@@ -204,6 +226,7 @@ def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: 
     try:
         for key, n, batch in tqdm(zip(keys, tokens, loader, strict=True), total=len(keys), desc="caching vision features"):
             if batch.get("bad_samples"):  # counted by the trainer when the row comes up in training
+                cache.bad[key] = batch["bad_samples"][0]["reason"]
                 continue
             entry = encode(model, family, batch, device)
             if per_token is None:

@@ -38,8 +38,8 @@ def to_dataset(examples: list[Example], family: Family, processor, model_config=
     """`model_config`: needed where the family's video positions depend on it (Qwen2.5-VL's tokens_per_second).
 
     `mark_bad`: a row that fails to load becomes a `bad_sample` marker instead of raising BadSample.
-    `features`: key -> cached vision entry or None (vision_cache.FeatureStore.read), with each example's key in
-    `feature_keys`: rows then carry `encoder_outputs` instead of pixels."""
+    `features`: key -> cached vision entry, {"problem": reason} or None (vision_cache_prepass.CacheReader), each
+    example's key in `feature_keys`: rows then carry `encoder_outputs` instead of pixels."""
     columns = {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
@@ -120,8 +120,10 @@ class VisionTransform:
         """The row's vision inputs from the vision cache: `encoder_outputs` and the non-pixel processor outputs."""
         entry = self.features(key) if key else None
         if entry is None:
-            raise BadSample(source, "its vision features are missing from the vision cache (its media failed to load "
-                                    "when the cache was built, or the entry was damaged since); the next run rebuilds it")
+            raise BadSample(source, "its vision features are missing from the vision cache (the entry was damaged "
+                                    "since the cache was built); the next run rebuilds it")
+        if "problem" in entry:  # its media failed when the cache was built
+            raise BadSample(source, entry["problem"])
         return {**entry["inputs"], "encoder_outputs": entry["outputs"]}
 
     def _videos(self, clips: list[video.VideoClip], source: str) -> dict:
