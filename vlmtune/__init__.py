@@ -43,6 +43,13 @@ def predict(model, images=None, prompt=None, data=None, out=None, **kwargs):
     return _predict(model, images=images, prompt=prompt, data=data, out=out, **kwargs)
 
 
+def evaluate(model, data, **kwargs):
+    """Score a model or adapter on a data file, against its bare base by default (see vlmtune.evaluation)."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(model, data, **kwargs)
+
+
 def merge_adapter(adapter_dir, out, **kwargs):
     """Merge an adapter into its full-precision base shard by shard, with a parity check (see vlmtune.merge)."""
     from .merge import merge_adapter as _merge
@@ -50,4 +57,4 @@ def merge_adapter(adapter_dir, out, **kwargs):
     return _merge(adapter_dir, out, **kwargs)
 
 
-__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "inspect", "validate", "predict", "merge_adapter", "__version__"]
+__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "inspect", "validate", "predict", "evaluate", "merge_adapter", "__version__"]

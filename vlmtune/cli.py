@@ -84,6 +84,40 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate
+
+    result = evaluate(args.model, args.data, metrics=args.metric or ["auto"], against=args.against, out=args.out,
+                      overwrite=args.overwrite, data_format=args.format, image_root=args.image_root, base=args.base,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      bootstrap=args.bootstrap, dtype=args.dtype, log=lambda m: print(m, file=sys.stderr))
+    print(result.render())
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a model or adapter on a data file, side by side with its base model")
+    p.add_argument("model", help="adapter folder, merged model folder, or model id/folder")
+    p.add_argument("--data", required=True, help="data file (see --format) whose rows end in the reference answer")
+    p.add_argument("--format", choices=FORMATS,
+                   help="data format of --data (default: the one the adapter was trained on, else messages)")
+    p.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="metric to score (repeatable; default auto: chosen from the data format)")
+    p.add_argument("--against", help="base (default for an adapter: its bare base model, in the same run), "
+                                     "a model or adapter folder to compare with, or none")
+    p.add_argument("--out", help="folder for predictions.jsonl and summary.json (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier eval in --out")
+    p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="generation seed and bootstrap seed")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the Δ intervals")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=cmd_eval)
+
+
 def _add_merge_and_predict(sub) -> None:
     p = sub.add_parser("merge-adapter", help="merge a LoRA adapter into its full-precision base model")
     p.add_argument("adapter", help="adapter folder written by `vlmtune sft`")
@@ -143,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="one JSON object per sample and line")
         p.set_defaults(func=func)
     _add_merge_and_predict(sub)
+    _add_eval(sub)
     return parser
 
 
