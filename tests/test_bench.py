@@ -16,8 +16,9 @@ from throughput import arms, flops  # noqa: E402
 from throughput.cli import packing_plan  # noqa: E402
 from throughput.model import SMALL_TEXT, SMALL_VISION  # noqa: E402
 
-ARM_FIELDS = ("samples_per_second", "supervised_tokens_per_second", "non_pad_tokens_per_second", "padding_fraction",
-              "supervised_fraction", "tokens_per_sample", "epoch_seconds", "epoch_samples_per_second",
+ARM_FIELDS = ("train_examples", "samples_per_second", "samples_per_cpu_second", "cpu_seconds",
+              "supervised_tokens_per_second", "non_pad_tokens_per_second", "padding_fraction", "supervised_fraction",
+              "tokens_per_sample", "epoch_seconds", "epoch_samples_per_second",
               "epoch_2_over_1_speedup", "vision_tower_calls", "vision_tower_calls_per_epoch", "peak_rss_bytes",
               "peak_gpu_memory_bytes", "train_seconds", "wall_seconds", "model_flops_per_second", "mfu",
               "load_average_before")
@@ -112,8 +113,9 @@ def test_three_arms_tiny_smoke(tmp_path):
     assert fast["supervised_fraction"] < trl["supervised_fraction"]
     assert fast["padding_fraction"] < trl["padding_fraction"]
     assert set(rep["ratios"]) == {"vlmtune-fast/trl", "vlmtune/trl", "vlmtune-fast/vlmtune"}
-    assert set(rep["goals"]) == {"fast_over_trl_samples_per_second", "fast_peak_memory_not_above_trl",
-                                 "fast_epoch_2_over_1"}
+    assert set(rep["goals"]) == {"same_examples_in_every_arm", "fast_over_trl_samples_per_second",
+                                 "fast_peak_memory_not_above_trl", "fast_epoch_2_over_1"}
+    assert rep["goals"]["same_examples_in_every_arm"]["met"], rep["goals"]
     summary = subprocess.run([sys.executable, str(ROOT / "bench" / "summarize.py"), str(out)], capture_output=True,
                              text=True, cwd=ROOT, timeout=60)
     assert summary.returncode == 0 and "vlmtune-fast: MFU" in summary.stdout, summary.stderr

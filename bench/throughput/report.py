@@ -28,6 +28,7 @@ def figures(raw: dict, epochs: int, model_config: dict | None, samples: list[dic
     eps = probe["epochs"]
     rss = raw.get("peak_rss_bytes") or {}
     out = {
+        "train_examples": n,
         "samples_per_second": _div(seen, seconds),
         "samples_per_second_epochs_only": _div(seen, train_s),
         # main-process CPU time (DataLoader workers not included): steadier than the clock on a shared CPU
@@ -86,7 +87,9 @@ def goals(arms: dict, ratio: dict, on_gpu: bool) -> dict:
     fast = arms.get("vlmtune-fast", {})
     memory = "peak_gpu_memory_bytes" if on_gpu else "peak_rss_bytes"
     target = 4.0 if on_gpu else 3.0
+    examples = {a: f.get("train_examples") for a, f in arms.items() if "error" not in f}
     return {
+        "same_examples_in_every_arm": {"value": examples, "met": len(set(examples.values())) == 1},
         "fast_over_trl_samples_per_second": {"target": target, "value": r and r["samples_per_second"],
                                              "met": bool(r and r["samples_per_second"] and
                                                          r["samples_per_second"] >= target) if r else None},
@@ -121,12 +124,12 @@ def markdown_table(report: dict) -> str:
     lines = [f"device: {report['device']} | arch {s['arch']} | quant {s['quant']} | batch {s['batch_size']} | "
              f"{s['num_samples']} samples x {s['epochs']} epochs | images up to {s['image_size']} px",
              "",
-             f"| arm | samples/s | supervised tok/s | padding | vision calls (per epoch) | {mem} | epoch s "
-             "| epoch 2/1 | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| arm | samples/s | samples/CPU-s | supervised tok/s | padding | vision calls (per epoch) | {mem} "
+             "| epoch s | epoch 2/1 | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, f in report["arms"].items():
         if "error" in f:
-            lines.append(f"| {arm} | failed: {f['error'][:60]} |" + " |" * 7)
+            lines.append(f"| {arm} | failed: {f['error'][:60]} |" + " |" * 8)
             continue
         memory = f["peak_gpu_memory_gib"] if gpu else f["peak_rss_gib"]
         calls = "/".join(str(c) for c in f["vision_tower_calls_per_epoch"])
@@ -135,12 +138,14 @@ def markdown_table(report: dict) -> str:
         epochs = " / ".join(_fmt(e, 1) for e in f["epoch_seconds"])
         if f["prepass_seconds"]:
             epochs = f"{_fmt(f['prepass_seconds'], 1)} pre-pass + {epochs}"
-        lines.append(f"| {arm} | {_fmt(f['samples_per_second'])} | {_fmt(f['supervised_tokens_per_second'], 0)} | "
+        lines.append(f"| {arm} | {_fmt(f['samples_per_second'])} | {_fmt(f.get('samples_per_cpu_second'))} | "
+                     f"{_fmt(f['supervised_tokens_per_second'], 0)} | "
                      f"{_fmt(100 * f['padding_fraction'] if f['padding_fraction'] is not None else None, 1, '%')} | "
                      f"{calls} | {_fmt(memory)} | {epochs} | {_fmt(f['epoch_2_over_1_speedup'], 2, 'x')} | "
                      f"{_fmt(100 * f['mfu'] if f.get('mfu') is not None else None, 1, '%')} |")
     for pair, r in report["ratios"].items():
         memory = r["peak_gpu_memory_bytes"] if gpu else r["peak_rss_bytes"]
         lines.append(f"| {pair} | {_fmt(r['samples_per_second'], 2, 'x')} | "
+                     f"{_fmt(r.get('samples_per_cpu_second'), 2, 'x')} | "
                      f"{_fmt(r['supervised_tokens_per_second'], 2, 'x')} | | | {_fmt(memory, 2, 'x')} | | | |")
     return "\n".join(lines)
