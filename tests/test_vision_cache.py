@@ -235,18 +235,33 @@ def test_second_run_reuses_the_cache_and_reports_it(mixed_data, tmp_path, monkey
     assert vc.metrics()["vision_cache_bytes"] == saved["vision_cache_bytes"] > 0
 
 
-def test_a_damaged_entry_is_rebuilt_and_a_text_only_run_needs_none(mixed_data, tmp_path, monkeypatch):
-    fresh_cache(monkeypatch, tmp_path)
+def test_a_killed_prepass_resumes_and_a_damaged_entry_is_rebuilt(mixed_data, tmp_path, monkeypatch):
+    root = fresh_cache(monkeypatch, tmp_path)
     plan = with_setting(vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out")), "true")
-    first, _ = build_trainer(plan, tmp_path / "a", log=_quiet)
-    store, key = first.vision_cache.store, first.vision_cache.train_keys[0]
+    write, written = FeatureStore.write, []
+
+    def killed_after_two(self, key, entry):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(key)
+        return write(self, key, entry)
+
+    monkeypatch.setattr(FeatureStore, "write", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_trainer(plan, tmp_path / "a", log=_quiet)
+    monkeypatch.setattr(FeatureStore, "write", write)
+    assert len(list(root.rglob("*.safetensors"))) == 2 and not list(root.rglob(".*.tmp-*"))  # only whole entries
+    resumed, _ = build_trainer(plan, tmp_path / "b", log=_quiet)
+    vc = resumed.vision_cache
+    assert (vc.hits, vc.misses, vc.rebuilt) == (2, 3, 0)
+    store, key = vc.store, vc.train_keys[0]
     path = store.path(key)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
     assert not store.valid(key) and store.read(key) is None
-    second, _ = build_trainer(plan, tmp_path / "b", log=_quiet)
-    vc = second.vision_cache
+    again, _ = build_trainer(plan, tmp_path / "c", log=_quiet)
+    vc = again.vision_cache
     assert (vc.hits, vc.misses, vc.rebuilt) == (4, 1, 1) and store.valid(key)
-    second.train()
+    again.train()
     assert vc.metrics()["vision_tower_calls_in_training"] == 0
 
 
@@ -254,13 +269,18 @@ def test_changed_image_or_pixel_bound_misses(media, mixed_data, tmp_path, monkey
     fresh_cache(monkeypatch, tmp_path)
     plan = vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out"))
     example = plan.train.examples[0]
-    before = MediaHasher().key(example)
-    assert MediaHasher().key(example) == before and MediaHasher().key(plan.train.examples[2]) is None
+    index = tmp_path / "digests.json"
+    hasher = MediaHasher(index)
+    before = hasher.key(example)
+    hasher.save()
+    assert str(example.images[0]) in json.loads(index.read_text())  # a later run reads only changed files
+    assert MediaHasher(index).key(example) == MediaHasher().key(example) == before
+    assert MediaHasher().key(plan.train.examples[2]) is None
     image = Path(example.images[0])
     original = image.read_bytes()
     try:
         Image.new("RGB", (56, 56), (254, 0, 0)).save(image)  # same size and grid, other pixels
-        assert MediaHasher().key(example) != before
+        assert MediaHasher(index).key(example) != before
     finally:
         image.write_bytes(original)
     assert MediaHasher().key(dataclasses.replace(example, max_pixels=3136)) != before  # a shrunk sample

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -126,21 +127,42 @@ def model_key(plan) -> tuple[str, dict]:
 
 
 class MediaHasher:
-    """Entry keys from media contents; a file's digest is remembered by (path, size, mtime) within a run."""
+    """Entry keys from media contents. A file's digest is remembered by (size, mtime) in `index` (a JSON file
+    beside the caches), so a later run reads only the files that changed."""
 
-    def __init__(self):
-        self._files: dict[tuple, str] = {}
+    def __init__(self, index: Path | None = None):
+        self.index = index
+        self._known: dict[str, list] = {}
+        if index is not None:
+            try:
+                self._known = json.loads(index.read_text())
+            except (OSError, ValueError):
+                self._known = {}
+        self._changed = False
 
     def file(self, path: str) -> str:
         st = os.stat(path)
-        stamp = (path, st.st_size, st.st_mtime_ns)
-        if stamp not in self._files:
-            h = hashlib.blake2b(digest_size=20)
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            self._files[stamp] = h.hexdigest()
-        return self._files[stamp]
+        known = self._known.get(path)
+        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            return known[2]
+        h = hashlib.blake2b(digest_size=20)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self._known[path] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self._changed = True
+        return h.hexdigest()
+
+    def save(self) -> None:
+        """Write the digests (whole, renamed into place) when any was computed."""
+        if self.index is None or not self._changed:
+            return
+        self.index.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.index.name}.", dir=self.index.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._known, f)
+        os.replace(tmp, self.index)
+        self._changed = False
 
     def key(self, example) -> str | None:
         """The entry key of an example's media; None for a text-only example."""

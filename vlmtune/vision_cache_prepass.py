@@ -113,10 +113,11 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
     key, described = model_key(plan)
     cache.store = store = FeatureStore(cache_root() / key)
     _describe(store.folder, described)
-    hasher = MediaHasher()
+    hasher = MediaHasher(cache_root() / "media-digests.json")
     cache.train_keys = [hasher.key(e) for e in plan.train.examples]
     evals = plan.eval.examples if plan.eval else []
     cache.eval_keys = [hasher.key(e) for e in evals]
+    hasher.save()
     todo: dict[str, object] = {}
     for k, example in zip(cache.train_keys + cache.eval_keys, list(plan.train.examples) + list(evals), strict=True):
         if k is None or k in todo:
