@@ -7,7 +7,9 @@ process). In each process it records, under $VLMTUNE_PROBE_DIR:
 - rank<N>.json: the data rows this rank fetched (per fetch), per forward whether the batch had images, how often the
   dummy image ran, and the world size;
 - logits.pt (rank 0): logits of the in-training model on fixed token ids, computed by every rank
-  together right before the adapter is gathered and saved.
+  together right before the adapter is gathered and saved;
+- in rank<N>.json also: how many rows this rank formatted and prepared-data entries it stored, a digest of
+  the training examples it holds, and the trainer's log history.
 Probe options (environment): VLMTUNE_PROBE_SEQUENTIAL=1 feeds rows in file order (so the test data decides
 which rank gets a text-only batch); VLMTUNE_PROBE_NO_DUMMY=1 leaves the dummy image out (shows the trap).
 """
@@ -28,11 +30,12 @@ def install_probes(probe_dir: Path) -> None:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from vlmtune import distributed, training
-    from vlmtune.data import dataset
+    from vlmtune.data import dataset, prepare, prepared_cache
 
-    record = {"sources": [], "forwards": [], "dummy_calls": 0}
+    record = {"sources": [], "forwards": [], "dummy_calls": 0, "formatted": 0, "stored": 0}
     rank = int(os.environ.get("RANK", "0"))
     hooks = {}
+    install_data_probes(record, training, prepare, prepared_cache, hooks)
 
     original_transform = dataset.VisionTransform.__call__
 
@@ -84,12 +87,45 @@ def install_probes(probe_dir: Path) -> None:
         from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import deepspeed_config
 
+        record["log_history"] = hooks["trainer"].state.log_history if hooks.get("trainer") else []
         record["distributed_type"] = str(AcceleratorState().distributed_type)
         record["ds_config"] = deepspeed_config()
         (probe_dir / f"rank{rank}.json").write_text(json.dumps(record))
         return original_gather(model)
 
     training.gathered_adapter_state = gather
+
+
+def install_data_probes(record: dict, training, prepare, prepared_cache, hooks: dict) -> None:
+    """Count rows formatted and entries stored; digest the plan's training examples; keep the trainer."""
+    import hashlib
+
+    original_format, original_store = prepare.format_example, prepared_cache.store
+
+    def format_example(*args, **kwargs):
+        record["formatted"] += 1
+        return original_format(*args, **kwargs)
+
+    def store(*args, **kwargs):
+        record["stored"] += 1
+        return original_store(*args, **kwargs)
+
+    prepare.format_example, prepared_cache.store = format_example, store
+    original_plan, original_build = training.plan_run, training.build_trainer
+
+    def plan_run(recipe):
+        plan = original_plan(recipe)
+        shown = [[e.source, e.input_ids, e.labels, [list(g) for g in e.grids]] for e in plan.train.examples]
+        record["examples"] = hashlib.sha256(json.dumps(shown).encode()).hexdigest()
+        record["num_examples"], record["num_tokens"] = len(shown), plan.train.num_tokens
+        return plan
+
+    def build_trainer(*args, **kwargs):
+        trainer, report = original_build(*args, **kwargs)
+        hooks["trainer"] = trainer
+        return trainer, report
+
+    training.plan_run, training.build_trainer = plan_run, build_trainer
 
 
 def main() -> int:

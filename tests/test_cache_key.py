@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import time
 
 import pytest
 from PIL import Image
@@ -113,8 +115,6 @@ def test_a_llamafactory_entrys_files_are_hashed(tmp_path, cache_dir):
 
 
 def test_an_image_replaced_keeping_its_size_and_mtime_misses(tmp_path, cache_dir):
-    import os
-
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "b.bmp"}, {"type": "text", "text": "?"}]},
                         {"role": "assistant", "content": "a shape"}]}
     path = tmp_path / "d.jsonl"
@@ -180,3 +180,52 @@ def test_a_cache_that_cannot_be_written_is_no_error(tmp_path, model_dir, monkeyp
     data = _prepare(_recipe(path, **model))
     assert data == _prepare(_recipe(path, **model, **{"data.cache": False})) and len(data.examples) == 3
     assert "prepared data not cached in " in capsys.readouterr().err
+
+
+def test_least_recently_used_entries_go_past_the_size_limit(tmp_path, cache_dir, monkeypatch):
+    paths = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / name / "d.jsonl"
+        path.parent.mkdir()
+        path.write_text(_data(tmp_path).read_text().replace("green", f"green {name}"))
+        paths.append(path)
+    _prepare(_recipe(paths[0]))
+    entry_a, = cache_dir.iterdir()
+    size = sum(p.stat().st_size for p in entry_a.rglob("*") if p.is_file())
+    monkeypatch.setenv(prepared_cache.LIMIT_VARIABLE, str(2.5 * size / 2**30))  # room for two entries
+    _prepare(_recipe(paths[1]))
+    entry_b, = set(cache_dir.iterdir()) - {entry_a}
+    hour = 3600
+    for entry, age in ((entry_a, 2 * hour), (entry_b, hour)):  # a older than b, unless a load marks its use
+        os.utime(entry / "meta.json", (time.time() - age, time.time() - age))
+    assert prepared_cache.load(entry_a.name) is not None  # a used again: now b is the least recently used
+    _prepare(_recipe(paths[2]))
+    left = set(cache_dir.iterdir())
+    assert entry_a in left and entry_b not in left and len(left) == 2
+
+
+def test_every_field_of_the_prepared_data_round_trips(cache_dir):
+    """A field added to Example, VideoClip or PreparedData that the cache does not store would come back as its
+    default from every cached run: each one set to a non-default value must survive store + load."""
+    from vlmtune.data.formats import RowProblem
+    from vlmtune.data.prepare import Example, PreparedData
+    from vlmtune.data.video import VideoClip
+
+    clip = VideoClip(("f0.png", "f1.png"), (0, 1), (2, 4, 4), 8, 1.0, 2.0)
+    example = Example([1, 2, 3], [-100, 2, 3], ["a.png"], [(1, 4, 4)], "d.jsonl:1", 12544, [clip], [(0, 1, "image")])
+    problem = RowProblem("d.jsonl", 2, "why", unreadable=True)
+    data = PreparedData([example], [problem], [problem], [problem], [problem], 5, 1, [problem], 2, 3)
+    assert [f.name for f in dataclasses.fields(Example)] == ["input_ids", "labels", "images", "grids", "source",
+                                                             "max_pixels", "videos", "media"]
+    assert [f.name for f in dataclasses.fields(VideoClip)] == ["source", "indices", "grid", "tokens",
+                                                               "seconds_per_grid", "frame_rate"]
+    assert [f.name for f in dataclasses.fields(PreparedData)] == ["examples", "problems", "dropped", "duplicates",
+                                                                  "warnings", "rows", "shrunk", "shrinkable",
+                                                                  "decoded", "header_only"]
+    for value, cls in ((example, Example), (clip, VideoClip), (data, PreparedData)):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                assert getattr(value, f.name) != default, f"{cls.__name__}.{f.name} is left at its default"
+    prepared_cache.store("k" * 40, data, {})
+    assert prepared_cache.load("k" * 40) == data

@@ -6,7 +6,9 @@ them, the family, the processor's saved files (tokenizer, chat template, image a
 vlmtune version, the source of the data and family code and the versions of the libraries that tokenize, render
 templates and read image and video headers. The media files the rows referenced are checked on load (size,
 modification and change time: a copy that keeps the mtime still changes the ctime), since their headers plan the
-image tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON."""
+image tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON. Past
+$VLMTUNE_PREPARED_CACHE_GB (default 20) the least recently used entries are removed; a cache that cannot be
+written only costs the next run its head start."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ _PROBLEM_LISTS = ("problems", "dropped", "duplicates", "warnings", "shrinkable")
 _COUNTS = ("rows", "shrunk", "decoded", "header_only")
 # libraries whose behaviour shapes the examples: tokenization, chat templates, image processors' token counts,
 # image and video headers
+LIMIT_VARIABLE, DEFAULT_LIMIT_GB = "VLMTUNE_PREPARED_CACHE_GB", 20.0  # past it, least recently used entries go
 _LIBRARIES = ("transformers", "tokenizers", "jinja2", "pillow", "av", "numpy")
 
 
@@ -152,9 +155,14 @@ def load(key: str) -> PreparedData | None:
     if media_stamps({p: None for p in stamps}) != stamps:
         return None
     try:
-        return _rebuild(meta, rows, ids, labels, offsets)
+        data = _rebuild(meta, rows, ids, labels, offsets)
     except (KeyError, TypeError, ValueError):
         return None
+    try:
+        os.utime(entry / "meta.json")  # its last use, for pruning the least recently used entries
+    except OSError:
+        pass
+    return data
 
 
 def _rebuild(meta: dict, rows: list[dict], ids, labels, offsets) -> PreparedData:
@@ -186,7 +194,33 @@ def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] 
             "(data.cache: false skips it; $VLMTUNE_CACHE moves it)")
         return None
     say(f"prepared data cached: {final} ({size / 2**20:.1f} MiB)")
+    _prune(final, size, say)
     return final
+
+
+def _prune(kept: Path, kept_size: int, say: Callable[[str], None]) -> None:
+    """Remove the least recently used entries while the cache holds more than $VLMTUNE_PREPARED_CACHE_GB
+    (default DEFAULT_LIMIT_GB); the entry just written stays."""
+    try:
+        limit = float(os.environ.get(LIMIT_VARIABLE) or DEFAULT_LIMIT_GB) * 2**30
+    except ValueError:
+        limit = DEFAULT_LIMIT_GB * 2**30
+    entries = []
+    for entry in kept.parent.iterdir():
+        if entry == kept or entry.name.startswith("."):
+            continue
+        try:
+            used = (entry / "meta.json").stat().st_mtime
+            entries.append((used, sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()), entry))
+        except OSError:
+            continue
+    total = kept_size + sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):  # least recently used first
+        if total <= limit:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        say(f"prepared data cache over {limit / 2**30:g} GiB ({LIMIT_VARIABLE}): removed {entry.name}")
 
 
 def _write(final: Path, key: str, data: PreparedData, sizes: dict) -> None:

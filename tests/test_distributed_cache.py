@@ -1,0 +1,92 @@
+"""The prepared-data cache and packing under two DeepSpeed processes on the CPU (ZeRO-2 and ZeRO-3).
+
+One test per stage, two runs of one step over the same 8 examples:
+- packed, cache cold: rank 0 formats and stores the entry, rank 1 formats nothing and loads it; both hold the
+  same examples;
+- unpacked, cache warm (train.* fields are not in the key): no rank formats anything.
+The packed step (4 bins, 1 per micro-batch, 2 micro-batches per rank) and the unpacked one (2 examples per
+micro-batch) cover the same examples, so their loss, gradient norm, trained adapter and logged token count
+must be equal: gradient accumulation and the two processes weight tokens as the unpacked run does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vlmtune
+from vlmtune.data.packing import pack_bins
+
+from .test_deepspeed import SHAPES, run_worker, shm_op_built  # noqa: F401 (a fixture)
+
+pytest.importorskip("deepspeed")
+
+BINS = 4  # 2 ranks x 2 micro-batches of one bin
+
+
+def _data(folder):
+    path = folder / "train.jsonl"
+    path.write_text("\n".join((SHAPES / "train.jsonl").read_text().splitlines()[:8]) + "\n")
+    return path
+
+
+def _capacity(path) -> int:
+    """A data.max_length that packs the 8 examples into exactly BINS bins (nothing dropped: all fit alone)."""
+    recipe = vlmtune.load_recipe(None, overrides={"model.name_or_path": "builtin:tiny-qwen2-vl", "data.train": str(path),
+                                                  "data.image_root": str(SHAPES), "data.max_pixels": 12544,
+                                                  "data.cache": False, "train.use_cpu": True})
+    lengths = [len(e.input_ids) for e in vlmtune.plan(recipe).train.examples]
+    assert len(lengths) == 8
+    for capacity in range(max(lengths), sum(lengths)):
+        if len(pack_bins(lengths, capacity, 42)) == BINS:
+            return capacity
+    raise AssertionError(f"no capacity packs {lengths} into {BINS} bins")
+
+
+def _step(ranks: list[dict]) -> dict:
+    logged = [h for h in ranks[0]["log_history"] if "loss" in h]
+    assert len(logged) == 1 and logged[0]["step"] == 1
+    return logged[0]
+
+
+def _lora_b(out):
+    from safetensors.torch import load_file
+
+    return {k: t for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_ranks_share_the_prepared_cache_and_pack_as_the_unpacked_run(stage, shm_op_built, tmp_path):  # noqa: F811
+    data = _data(tmp_path)
+    common = (f"distributed.deepspeed={stage}", "distributed.num_processes=2", "data.cache=true",
+              f"data.max_length={_capacity(data)}", "train.max_steps=1", "train.gradient_accumulation_steps=2",
+              "train.warmup_ratio=0.0", "train.lr_scheduler_type=constant", "train.learning_rate=0.001")
+    (tmp_path / "packed").mkdir()
+    proc, out_p, _, packed = run_worker(tmp_path / "packed", data, *common, "train.packing=true",
+                                        "train.per_device_train_batch_size=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert f"packing: 8 examples into {BINS} rows" in proc.stdout
+    assert proc.stderr.count("prepared data cached: ") == 1
+    assert [(r["formatted"], r["stored"]) for r in packed] == [(8, 1), (0, 0)]  # rank 0 prepared, rank 1 loaded
+    assert packed[0]["examples"] == packed[1]["examples"] and packed[0]["num_examples"] == 8
+
+    (tmp_path / "unpacked").mkdir()
+    proc, out_u, _, unpacked = run_worker(tmp_path / "unpacked", data, *common, "train.packing=false",
+                                          "train.per_device_train_batch_size=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "packing: " not in proc.stdout and "prepared data cached: " not in proc.stderr
+    assert [(r["formatted"], r["stored"]) for r in unpacked] == [(0, 0), (0, 0)]  # the second run prepares nothing
+    assert {r["examples"] for r in unpacked} == {packed[0]["examples"]}
+
+    p, u = _step(packed), _step(unpacked)
+    assert p["loss"] == pytest.approx(u["loss"], rel=1e-6) and p["loss"] > 0
+    assert p["grad_norm"] == pytest.approx(u["grad_norm"], rel=1e-6) and p["grad_norm"] > 0
+    assert p["num_tokens"] == u["num_tokens"] == packed[0]["num_tokens"]  # every example's tokens, once
+    b_p, b_u = _lora_b(out_p), _lora_b(out_u)
+    assert b_p.keys() == b_u.keys() and any(t.abs().max() > 0 for t in b_u.values())
+    for key, t in b_u.items():
+        torch.testing.assert_close(b_p[key], t, rtol=1e-3, atol=1e-6, msg=key)
+    meta = json.loads((out_p / "vlmtune.json").read_text())
+    assert meta["distributed"] == {"deepspeed": stage, "world_size": 2}
