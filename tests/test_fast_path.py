@@ -404,3 +404,52 @@ def test_workers_are_limited_and_keep_the_trainer_init():
     assert loader_sizing.limit_loader_threads(limited).worker_init_fn.args == (_note_worker,)  # not wrapped twice
     threads = [int(b[0, 0]) for b in limited]
     assert threads == [3, 3]  # the Trainer's init ran after the limit
+
+
+def test_threads_drop_to_the_idle_cores_when_other_work_holds_the_rest(cpus):
+    """The 12x case: two busy cores elsewhere would stall every barrier of a 2-thread pool; 1 thread runs."""
+    cpus(2)
+    busy = loader_sizing.size(None, None, "cpu", 1, 2, 2, idle=0.4)
+    assert busy.threads == 1 and "0.4 idle" in busy.note and "other work holds the other cores" in busy.note
+    assert loader_sizing.size(None, None, "cpu", 1, 2, 2, idle=1.9).threads == 2
+    cpus(16)
+    assert loader_sizing.size(None, None, "cuda", 4, 2, 2, idle=6.0).threads == 1  # 1.5 idle per rank, 1 core left
+    assert loader_sizing.size(None, None, "cpu", 1, 2, 2, idle=6.2).threads == 6
+    assert loader_sizing.size(None, None, "cpu", 1, 3, 2, idle=0.0).threads is None  # the user's own count stays
+
+
+def test_idle_cores_are_read_from_proc_stat_over_the_cpus_of_the_mask(cpus, monkeypatch):
+    cpus(2)
+    samples = iter([
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0\ncpu1 100 0 0 100 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0\n",
+        "cpu  0 0 0 0 0 0 0 0\ncpu0 150 0 0 150 0 0 0 0\ncpu1 200 0 0 100 0 0 0 0\ncpu2 0 0 0 900 0 0 0 0\n",
+    ])  # cpu0 half idle, cpu1 busy, cpu2 (idle) is outside the mask
+
+    class Stat:
+        def __init__(self, path):
+            assert str(path) == "/proc/stat"
+
+        def read_text(self):
+            return next(samples)
+
+    monkeypatch.setattr(loader_sizing, "Path", Stat)
+    monkeypatch.setattr(loader_sizing.time, "sleep", lambda s: None)
+    assert loader_sizing.idle_cpus() == pytest.approx(2 * 50 / 200)
+
+
+def test_a_step_that_cannot_be_measured_leaves_checkpointing_on(monkeypatch):
+    class Trainer:
+        model = torch.nn.Linear(2, 2)
+        args = types.SimpleNamespace(gradient_checkpointing=False, gradient_checkpointing_kwargs=None)
+
+    def failing(trainer, batch):
+        def step():
+            raise RuntimeError("a shape the model refuses")
+        return step
+
+    monkeypatch.setattr(memory_probe, "probe_step", failing)
+    trainer = Trainer()
+    choice = memory_probe.measure_for(trainer, [{"x": 1}] * 3, [1, 2, 3], 2, "cpu", collator=lambda rows: rows)
+    assert choice.enabled and "could not be measured (RuntimeError: a shape the model refuses); on" in choice.reason
+    assert trainer.args.gradient_checkpointing is True
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}

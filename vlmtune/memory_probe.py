@@ -248,7 +248,11 @@ def measure_for(trainer, dataset, lengths: list[int], batch_size: int, device: s
         choice = Checkpointing(True, f"auto: the longest batch could not be loaded to measure it ({e}); on to be safe")
     else:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        choice = measured_choice(probe_step(trainer, batch), device, trainable)
+        try:
+            choice = measured_choice(probe_step(trainer, batch), device, trainable)
+        except Exception as e:  # noqa: BLE001 (training meets the same error and reports it where it happens)
+            choice = Checkpointing(True, f"auto: the longest batch could not be measured ({type(e).__name__}: {e}); "
+                                   "on to be safe")
         del batch
     if agree(choice.enabled) and not choice.enabled:
         choice = Checkpointing(True, f"{choice.reason}; on because another process's longest batch does not fit",

@@ -26,7 +26,7 @@ from .distributed.process import (
 )
 from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
 from .errors import VlmtuneError
-from .loader_sizing import Sizing, limit_loader_threads, local_processes
+from .loader_sizing import Sizing, idle_cpus, limit_loader_threads, local_processes
 from .loader_sizing import size as loader_size
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
@@ -42,13 +42,14 @@ class TrainResult:
     trainable: dict = field(default_factory=dict)
 
 
-def loader_sizing(plan: Plan) -> Sizing:
-    """DataLoader workers, prefetch, pinned memory and torch threads for this rank (loader_sizing.py)."""
+def loader_sizing(plan: Plan, idle: float | None = None) -> Sizing:
+    """DataLoader workers, prefetch, pinned memory and torch threads for this rank (loader_sizing.py); `idle`: the
+    CPUs found idle, which lowers the threads when other work holds the rest."""
     d = plan.recipe.data
     current, default = torch_threads()
     processes = local_processes(plan.world_size, plan.recipe.distributed.num_nodes)
     return loader_size(d.num_workers, d.prefetch_factor, plan.runtime.device, processes,
-                       current_threads=current, default_threads=default)
+                       current_threads=current, default_threads=default, idle=idle)
 
 
 def fixed_checkpointing(plan: Plan) -> memory_probe.Checkpointing | None:
@@ -119,7 +120,8 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
     recipe = plan.recipe
     deepspeed = prepare_deepspeed_process(plan)  # the steps that set process-wide state: see distributed/process.py
-    set_thread_counts(loader_sizing(plan), log)
+    sizing = loader_sizing(plan, idle_cpus())
+    set_thread_counts(sizing, log)
     args = sft_config(plan, checkpoint_dir)
     from transformers import set_seed
 
@@ -162,7 +164,7 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     log(checkpointing.line())
     # recorded in train_results.json and vlmtune.json
     trainer.fast_path = {"gradient_checkpointing": checkpointing.record(), "liger_kernel": kernels,
-                         "data_loading": loader_sizing(plan).note}
+                         "data_loading": sizing.note}
     trainer.vision_cache = vision  # its metrics go into train_results.json
     return trainer, report
 
