@@ -229,3 +229,19 @@ def test_every_field_of_the_prepared_data_round_trips(cache_dir):
                 assert getattr(value, f.name) != default, f"{cls.__name__}.{f.name} is left at its default"
     prepared_cache.store("k" * 40, data, {})
     assert prepared_cache.load("k" * 40) == data
+
+
+def test_the_cache_is_on_by_default_and_a_change_misses_it(tmp_path, cache_dir, monkeypatch):
+    path = _data(tmp_path)
+    plain = {"model.name_or_path": f"builtin:{BUILTIN['qwen2_vl']}", "data.train": str(path)}
+    recipe = vlmtune.load_recipe(None, overrides=plain)
+    assert recipe.data.cache is True
+    first = _prepare(recipe)
+    assert len(list(cache_dir.iterdir())) == 1
+    path.write_text(path.read_text().replace("hello", "hello there"))  # a changed data file
+    changed = _prepare(recipe)
+    assert changed != first and len(list(cache_dir.iterdir())) == 2
+    assert _prepare(vlmtune.load_recipe(None, overrides={**plain, "data.train_on": "all"})) != changed  # a data.* field
+    assert len(list(cache_dir.iterdir())) == 3
+    _no_formatting(monkeypatch)
+    assert _prepare(recipe) == changed  # unchanged: loaded

@@ -66,9 +66,10 @@ class DataConfig:
     max_image_pixels: int = 178_956_970  # larger images (width x height) are refused: decompression-bomb guard
     max_bad_samples: int = 10  # samples that fail to load mid-run are skipped up to this many; 0: stop on the first
     max_row_bytes: int = 16 * 2**20  # a data row (a JSONL line, a JSON item) larger than this is refused unread
-    # formatted examples cached under $VLMTUNE_CACHE/prepared/, keyed by data, data.*, processor and code
-    # (data/prepared_cache.py): a second run, validate, and every rank but 0 start from it
-    cache: bool = False
+    # formatted examples cached under $VLMTUNE_CACHE/prepared/, keyed by the data files, data.*, processor files,
+    # family, code and library versions (data/prepared_cache.py): a second run, validate, inspect and every rank
+    # but 0 start from it; on by default (a changed input misses it; an unwritable cache is no error)
+    cache: bool = True
 
 
 @dataclass
