@@ -17,6 +17,7 @@ from vlmtune.metrics import known_metrics
 
 from .conftest import write_jsonl
 from .run_fixtures import SHAPES, recipe_at, write_train_data
+from .test_merge import BUILTIN_FOR, FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "builtin:tiny-qwen2-vl"
@@ -232,3 +233,41 @@ def test_the_tiny_demo_adapter_beats_its_base_on_the_shapes_eval_set(tmp_path, c
     assert better, table[:4]
     low = [float(x) for x in rows["token_f1"][3].split("(")[1].rstrip(")").split(",")][0]
     assert low > 0  # the interval excludes no change
+
+
+# ---------------------------------------------------------------- every family: the bare base is the base
+
+
+# the language model's layers and its head (on the tiny Gemma 3 a change below the head leaves every greedy
+# reply a newline, which strips to "")
+TARGETS = r"(.*\.)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|lm_head)"
+
+
+def random_adapter(family: str, folder: Path) -> Path:
+    """A LoRA adapter with random (non-zero) weights on a family's tiny base, saved as PEFT saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor
+
+    from vlmtune import families
+    from vlmtune.demo import builtin_model_path
+
+    base = builtin_model_path(BUILTIN_FOR[family])
+    torch.manual_seed(0)
+    model = families.get(family).load_class().from_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=TARGETS, init_lora_weights=False))
+    peft.save_pretrained(folder, save_embedding_layers=False)
+    AutoProcessor.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_bare_base_equals_the_base_model(family, data_file, tmp_path):
+    adapter = random_adapter(family, tmp_path / "adapter")
+    two = vlmtune.evaluate(adapter, data_file, image_root=str(SHAPES), metrics="token_f1", **FAST)
+    alone = vlmtune.evaluate(f"builtin:{BUILTIN_FOR[family]}", data_file, image_root=str(SHAPES),
+                             metrics="token_f1", **FAST)
+    assert two.summary["systems"]["adapter"]["family"] == family
+    base = [r["prediction"] for r in two.records if r["system"] == "base"]
+    assert base == [r["prediction"] for r in alone.records]
+    assert base != [r["prediction"] for r in two.records if r["system"] == "adapter"]
