@@ -104,8 +104,10 @@ def goals(arms: dict, ratio: dict, on_gpu: bool) -> dict:
 
 def flop_shares(model_config: dict, reference_config: dict | None, samples: list[dict]) -> dict:
     """The model's shares of a step's FLOPs beside Qwen2-VL-2B's, on the benchmark's token counts."""
-    if reference_config is None:
-        return {"plain_step": flops.step_flops(model_config, samples)["shares"]}
+    if reference_config is None:  # no reference config at hand (e.g. a clone without ../shared): own shares only
+        return {name: {"small": flops.step_flops(model_config, samples, labels_only)["shares"], "reference": None,
+                       "max_share_difference_points": None}
+                for name, labels_only in (("plain_step", False), ("labels_only_step", True))}
     return flops.compare(model_config, reference_config, samples)
 
 
