@@ -186,7 +186,8 @@ def test_only_the_first_process_of_a_machine_decodes_up_front(folder, monkeypatc
     write_jsonl(folder / "train.jsonl", [GOOD_ROW, image_row(cut_png)])
     for key, value in {"RANK": local_rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    rec = load_recipe(recipe(folder))
+    # no process group here: the prepared-data cache (whose key rank 0 shares) stays off, only the decode is tested
+    rec = load_recipe(recipe(folder), overrides=["data.cache=false"])
     if decoded:
         with pytest.raises(PreflightError, match="train.jsonl:2: image cannot be decoded"):
             plan_run(rec)
