@@ -190,14 +190,14 @@ def _inside_the_base_model(tmp_path):
     from vlmtune.demo import builtin_model_path
 
     base = builtin_model_path("tiny-qwen2-vl")
-    return str(base / "out"), f"lies inside the base model folder {base}", {"model.name_or_path": str(base)}
+    return str(base / "out"), f"lies inside the base model folder {base.resolve()}", {"model.name_or_path": str(base)}
 
 
 def _around_the_base_model(tmp_path):
     from vlmtune.demo import builtin_model_path
 
     base = builtin_model_path("tiny-qwen2-vl")
-    return str(base.parent), f"contains the base model folder {base}", {"model.name_or_path": str(base)}
+    return str(base.parent), f"contains the base model folder {base.resolve()}", {"model.name_or_path": str(base)}
 
 
 def _read_only(tmp_path, monkeypatch):
