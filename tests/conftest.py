@@ -104,3 +104,29 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def lora_model(model_dir):
+    """family -> a float32 LoRA model (random A and B, so every adapter weight gets a gradient), built once."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from vlmtune.config.schema import LoraConfig
+    from vlmtune.modeling import lora_targets
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            family = families.get(name)
+            torch.manual_seed(0)
+            base = family.load_class().from_pretrained(model_dir(name), dtype=torch.float32,
+                                                       attn_implementation="sdpa")
+            targets = lora_targets(base, family, LoraConfig())
+            model = get_peft_model(base, PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+            cache[name] = model.eval()  # eval: no dropout; gradients flow all the same
+        return cache[name]
+
+    return get

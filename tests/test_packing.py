@@ -9,7 +9,6 @@ from PIL import Image
 
 from tests.conftest import FAMILIES
 from vlmtune import families
-from vlmtune.config.schema import LoraConfig
 from vlmtune.data.collator import collator_for
 from vlmtune.data.conversation import Conversation, Part, Turn
 from vlmtune.data.dataset import to_dataset
@@ -62,30 +61,6 @@ def _examples(family, processor, images) -> list[Example]:
         labels[0] = made.input_ids[0]
         out.append(Example(made.input_ids, labels, [str(p) for p in paths], [p.grid for p in plans], f"t:{i}"))
     return out
-
-
-@pytest.fixture(scope="module")
-def lora_model(model_dir):
-    """family -> a float32 LoRA model (random A and B, so every adapter weight gets a gradient), built once."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    from vlmtune.modeling import lora_targets
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            family = families.get(name)
-            torch.manual_seed(0)
-            base = family.load_class().from_pretrained(model_dir(name), dtype=torch.float32,
-                                                       attn_implementation="sdpa")
-            targets = lora_targets(base, family, LoraConfig())
-            model = get_peft_model(base, PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False))
-            cache[name] = model.eval()  # eval: no dropout; gradients flow all the same
-        return cache[name]
-
-    return get
 
 
 def _batches(name, processor_for, images):

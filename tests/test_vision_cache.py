@@ -47,19 +47,24 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def write_rows(layouts, media, question: str, reply: str, folder: Path) -> Path:
+    """A messages JSONL file, one row per layout: its media parts (a media name or a ready part), then a text."""
+    lines = []
+    for i, parts in enumerate(layouts):
+        content = [p if isinstance(p, dict) else {"type": "image", "image": str(media[p])} for p in parts]
+        content.append({"type": "text", "text": question * (1 + i % 3)})
+        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": f"{reply} {i} " * (1 + i % 2)}]}))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def mixed_data(media, tmp_path_factory) -> Path:
     """Six rows: one, two and no images, so batches join different numbers of images per example."""
     layouts = [["red"], ["wide", "tall"], [], ["tall"], ["red", "wide"], ["wide"]]
-    lines = []
-    for i, names in enumerate(layouts):
-        content = [{"type": "image", "image": str(media[n])} for n in names]
-        content.append({"type": "text", "text": "what is shown here " * (1 + i % 3)})
-        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
-                                              {"role": "assistant", "content": f"answer number {i} " * (1 + i % 2)}]}))
-    path = tmp_path_factory.mktemp("vc-data") / "train.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_rows(layouts, media, "what is shown here ", "answer number", tmp_path_factory.mktemp("vc-data"))
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +72,7 @@ def video_data(media, tmp_path_factory) -> Path:
     """Six rows: a video (frame list) with and without an image, images alone, text alone."""
     video = {"type": "video", "video": [str(media[f"frame{k}"]) for k in range(4)]}
     layouts = [[video, "red"], ["wide"], [video], [], ["tall", video], [video]]
-    lines = []
-    for i, parts in enumerate(layouts):
-        content = [p if isinstance(p, dict) else {"type": "image", "image": str(media[p])} for p in parts]
-        content.append({"type": "text", "text": "what happens " * (1 + i % 3)})
-        lines.append(json.dumps({"messages": [{"role": "user", "content": content},
-                                              {"role": "assistant", "content": f"reply {i} " * (1 + i % 2)}]}))
-    path = tmp_path_factory.mktemp("vc-video") / "train.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_rows(layouts, media, "what happens ", "reply", tmp_path_factory.mktemp("vc-video"))
 
 
 def recipe_for(family: str, data: Path, out: Path, **overrides):
@@ -142,30 +139,6 @@ def test_training_with_cached_features_gives_the_same_losses_without_running_the
 
 
 # ---------------------------------------------------------------- one batch: loss and LoRA gradients, packed too
-@pytest.fixture(scope="module")
-def lora_model(model_dir):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    from vlmtune.config.schema import LoraConfig
-    from vlmtune.modeling import lora_targets
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            family = families.get(name)
-            torch.manual_seed(0)
-            base = family.load_class().from_pretrained(model_dir(name), dtype=torch.float32,
-                                                       attn_implementation="sdpa")
-            model = get_peft_model(base, PeftLoraConfig(r=4, target_modules=lora_targets(base, family, LoraConfig()),
-                                                        init_lora_weights=False))
-            cache[name] = model.eval()
-        return cache[name]
-
-    return get
-
-
 def _loss_and_grads(model, batch):
     model.zero_grad()
     loss = model(**batch).loss
