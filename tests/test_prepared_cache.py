@@ -124,3 +124,12 @@ def test_validate_uses_the_cache(tmp_path, cache_dir, monkeypatch):
     _no_formatting(monkeypatch)
     second = validate(recipe)
     assert second.splits["train"] == first.splits["train"] and not second.problems
+
+
+def test_training_after_validate_loads_validates_entry(tmp_path, cache_dir, monkeypatch):
+    recipe = _recipe(_data(tmp_path))
+    checked = validate(recipe)
+    _no_formatting(monkeypatch)
+    trained = _prepare(recipe)  # training's preparation: no search for shrinkable rows
+    assert trained.examples == checked.splits["train"].examples
+    assert len(list(cache_dir.iterdir())) == 1

@@ -143,9 +143,16 @@ def _prepared(recipe: Recipe, split: str, family: Family, formatter: Formatter, 
     if not d.cache:
         return build(check_images)
 
+    def key_for(shrinkable: bool) -> str:
+        return prepared_cache.cache_key(path, d, family.name, formatter.processor,
+                                        {"check_images": check_images, "find_shrinkable": shrinkable})
+
     def main_entry() -> str:
-        key = prepared_cache.cache_key(path, d, family.name, formatter.processor,
-                                       {"check_images": check_images, "find_shrinkable": find_shrinkable})
+        if not find_shrinkable:  # validate's entry (it also found the shrinkable rows) holds the same examples
+            fuller = key_for(True)
+            if prepared_cache.load(fuller) is not None:
+                return fuller
+        key = key_for(find_shrinkable)
         if prepared_cache.load(key) is None:
             sizes: dict = {}
             prepared_cache.store(key, build(check_images, sizes), sizes)
