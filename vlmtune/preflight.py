@@ -13,6 +13,7 @@ from .config import FieldError, Recipe
 from .data import prepared_cache
 from .data.formats import reader_options
 from .data.formatting import Formatter
+from .data.preference import PreparedPairs, is_pair_format, prepare_pairs
 from .data.prepare import PreparedData, prepare
 from .distributed.deepspeed import for_run as deepspeed_for_run
 from .distributed.deepspeed import zero_stage
@@ -104,8 +105,9 @@ def reporting_errors(recipe: Recipe) -> list[FieldError]:
 
 
 def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_images: str | None = None,
-               find_shrinkable: bool = False) -> tuple[dict[str, PreparedData], list[str]]:
-    """Every data split read and formatted, and the problems that would stop training.
+               find_shrinkable: bool = False) -> tuple[dict[str, PreparedData | PreparedPairs], list[str]]:
+    """Every data split read and formatted (PreparedPairs for a preference data.format), and the problems that
+    would stop training.
 
     Images are checked as `check_images` says (default: data.check_images); `find_shrinkable` also finds the
     too-long rows data.on_overlong=shrink_images would keep (validate reports them)."""
@@ -117,9 +119,13 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
         path = getattr(d, split)
         if not path:
             continue
-        data = _prepared(recipe, split, family, formatter, check_images, find_shrinkable)
+        if is_pair_format(d.format):  # preference rows: pairs of examples (not in the prepared-data cache yet)
+            data = prepare_pairs(recipe, family, formatter, split, check_images=check_images,
+                                 find_shrinkable=find_shrinkable)
+        else:
+            data = _prepared(recipe, split, family, formatter, check_images, find_shrinkable)
         problems.extend(str(p) for p in data.problems)
-        if data.rows and not data.examples and not data.problems:
+        if data.rows and not data.kept() and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
         if data.rows == 0:
             problems.append(f"data.{split}: {path} has no rows")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Recipe
+from .data.preference import PreparedPairs
 from .data.prepare import PreparedData
 from .preflight import check_data, formatting_for
 
 
 @dataclass
 class ValidationReport:
-    splits: dict[str, PreparedData]
+    splits: dict[str, PreparedData | PreparedPairs]
     problems: list[str]  # stop training
     family: str
     on_overlong: str = "drop"
@@ -26,7 +27,8 @@ class ValidationReport:
             warnings = [f"  warning: {p}" for p in [*data.warnings, *data.duplicates][:limit]]
             warnings += [f"  dropped: {p}" for p in data.dropped[:limit]]
             lines.append(f"{split}: {data.summary().splitlines()[0]}")
-            lines.append("  " + length_summary(data))
+            lengths = pair_length_summary if isinstance(data, PreparedPairs) else length_summary
+            lines.append("  " + lengths(data))
             lines.extend(image_lines(data, self.on_overlong, limit))
             lines.extend(warnings)
         if self.problems:
@@ -54,7 +56,14 @@ def length_summary(data: PreparedData) -> str:
             f"supervised fraction {frac:.1%}; dropped {len(data.dropped)}; duplicates {len(data.duplicates)}")
 
 
-def image_lines(data: PreparedData, on_overlong: str, limit: int) -> list[str]:
+def pair_length_summary(data: PreparedPairs) -> str:
+    lengths = sorted(data.lengths())
+    p = {q: percentile(lengths, q) for q in (50, 90, 99)}
+    return (f"tokens per pair (prompt + the longer reply) p50 {p[50]}, p90 {p[90]}, p99 {p[99]}, "
+            f"max {lengths[-1] if lengths else 0}; dropped {len(data.dropped)}; duplicates {len(data.duplicates)}")
+
+
+def image_lines(data: PreparedData | PreparedPairs, on_overlong: str, limit: int) -> list[str]:
     """How the images were checked, and which rows data.on_overlong=shrink_images shrinks (or would)."""
     lines = []
     if data.decoded:

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..data.conversation import TrainOn
-from ..data.formats import FORMATS
+from ..data.formats import FORMATS, PAIR_FORMATS
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LoraConfig:
 class DataConfig:
     train: str = ""
     eval: str | None = None
-    format: str = "messages"  # row layout: one of data.formats.FORMATS (data_templates/README.md)
+    format: str = "messages"  # row layout: data.formats.FORMATS or PAIR_FORMATS (data_templates/README.md)
     image_root: str | None = None
     columns: dict[str, str] = field(default_factory=dict)  # layout field -> column/key name in the data
     caption_prompt: str = "Describe this image."  # the user prompt of format: caption
@@ -150,7 +150,7 @@ CHOICES = {
     "quantization.mode": ("none", "4bit", "8bit"),
     "quantization.quant_type": ("nf4", "fp4"),
     "quantization.compute_dtype": ("bfloat16", "float16", "float32"),
-    "data.format": FORMATS,
+    "data.format": (*FORMATS, *PAIR_FORMATS),
     "data.train_on": tuple(t.value for t in TrainOn),
     "data.on_overlong": ("drop", "error", "shrink_images"),
     "data.check_images": ("auto", "decode", "header"),

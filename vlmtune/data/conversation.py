@@ -83,3 +83,21 @@ class Conversation:
         if not any(t.role == "assistant" for t in self.turns):
             out.append("no assistant message: there is nothing to train on")
         return out
+
+
+@dataclass
+class ConversationPair:
+    """One preference row: the prompt (its turns end with the user's) and two replies to it, chosen over rejected."""
+
+    prompt: list[Turn]
+    chosen: Turn
+    rejected: Turn
+    source: str = ""
+
+    def conversation(self, side: str) -> Conversation:
+        """The prompt followed by one reply (`side`: "chosen" or "rejected")."""
+        return Conversation([*self.prompt, getattr(self, side)], source=self.source)
+
+    @property
+    def images(self) -> list[str]:
+        return [img for turn in self.prompt for img in turn.images]

@@ -13,15 +13,30 @@ from pathlib import Path
 
 from .conversation import Conversation
 from .images import ImageResolver
-from .readers import alpaca, caption, llamafactory, llava, messages, prompt_completion, sharegpt, sources, vqa
+from .readers import (
+    alpaca,
+    caption,
+    llamafactory,
+    llava,
+    messages,
+    preference,
+    preference_plain,
+    prompt_completion,
+    sharegpt,
+    sources,
+    vqa,
+)
 from .readers.common import DEFAULT_CAPTION_PROMPT, Options, Row, RowError, Unused
 
 READERS = {"messages": messages, "llava": llava, "sharegpt": sharegpt, "vqa": vqa, "caption": caption,
            "prompt_completion": prompt_completion, "alpaca": alpaca}
 FORMATS = tuple(READERS)
-FIELDS = {name: (*r.REQUIRED, *r.OPTIONAL) for name, r in READERS.items()}  # what data.columns may map
+# preference layouts: each row is a ConversationPair (a prompt and two replies), prepared by data/preference.py
+PAIR_READERS = {"preference": preference, "preference_plain": preference_plain}
+PAIR_FORMATS = tuple(PAIR_READERS)
+FIELDS = {name: (*r.REQUIRED, *r.OPTIONAL) for name, r in {**READERS, **PAIR_READERS}.items()}  # data.columns may map
 
-__all__ = ["FORMATS", "FIELDS", "RowError", "RowProblem", "read_rows", "reader_options"]
+__all__ = ["FORMATS", "FIELDS", "PAIR_FORMATS", "RowError", "RowProblem", "read_rows", "reader_options"]
 
 
 @dataclass(frozen=True)
@@ -46,16 +61,17 @@ def read_rows(path: str | Path, fmt: str, image_root: str | None = None, *,
               caption_prompt: str = DEFAULT_CAPTION_PROMPT, columns: dict[str, str] | None = None,
               allow_urls: bool = False, max_row_bytes: int = sources.DEFAULT_MAX_ROW_BYTES,
               warn: Callable[[RowProblem], None] | None = None) -> Iterator[Conversation | RowProblem]:
-    """Each row of a data source as a Conversation (images as local path strings), or a RowProblem.
+    """Each row of a data source as a Conversation (a ConversationPair for PAIR_FORMATS; images as local path
+    strings), or a RowProblem.
 
     `warn` receives, once per file, each column (message key, part key) that the layout does not read."""
-    if fmt not in READERS:
-        raise ValueError(f"unknown data format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt not in FIELDS:
+        raise ValueError(f"unknown data format {fmt!r}; supported: {', '.join(FIELDS)}")
     options = Options(caption_prompt=caption_prompt)
     if llamafactory.reference(path) is not None:  # dir/dataset_info.json#name: the entry gives layout and columns
         yield from _entry_rows(path, image_root, allow_urls, options, max_row_bytes, warn)
         return
-    reader, path = READERS[fmt], Path(path)
+    reader, path = {**READERS, **PAIR_READERS}[fmt], Path(path)
     columns = dict(columns or {})
     wanted = {columns.get(f, f): f for f in reader.REQUIRED} | {src: f for f, src in columns.items()}
     resolve = ImageResolver(sources.base_dir(path), image_root, allow_urls)

@@ -100,6 +100,9 @@ class Formatter:
                               "but the tokenizer has no eos_token")
         self.affixes = special_affixes(self.tokenizer)
         self._renders_tools: bool | None = None  # found on the first row with tools: a template renders them or not
+        # each run between label changes tokenized on its own (the prompt exactly as it is tokenized before
+        # generation), so two replies to one prompt share its tokens whatever they start with
+        self.split_at_labels = False
 
     def render(self, turns: list[Turn], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         import jinja2
@@ -204,7 +207,7 @@ class Formatter:
         if conv.videos and "video" not in self.placeholders.values():
             raise FormatError(f"{conv.source}: this model family ({self.family.name}) does not take video")
         pieces, media = self._expand_media(self.pieces(conv), list(image_texts), list(video_texts), conv.source)
-        per_piece = self._tokenize_whole(pieces)
+        per_piece = None if self.split_at_labels else self._tokenize_whole(pieces)
         if per_piece is None:
             per_piece = self._tokenize_runs(pieces)
         every = self.train_on is TrainOn.ALL

@@ -87,23 +87,32 @@ class PreparedData:
     def num_videos(self) -> int:
         return sum(len(e.videos) for e in self.examples)
 
+    noun = "examples"  # what `kept` holds, in the summary's words
+
+    def kept(self) -> list:
+        """What training takes from the split: the examples (a preference split's pairs: data/preference.py)."""
+        return self.examples
+
     @property
     def refused(self) -> RowProblem | None:
         """The problem, when the whole source was refused before any row could be read (bad JSON, a missing column)."""
-        if self.rows == 1 and not self.examples and len(self.problems) == 1 and self.problems[0].unreadable:
+        if self.rows == 1 and not self.kept() and len(self.problems) == 1 and self.problems[0].unreadable:
             return self.problems[0]
         return None
+
+    def headline(self) -> str:
+        tokens = self.num_tokens
+        frac = self.num_supervised / tokens if tokens else 0.0
+        videos = f"{self.num_videos} videos, " if self.num_videos else ""
+        return (f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, {videos}"
+                f"{tokens} tokens ({frac:.1%} supervised)")
 
     def summary(self) -> str:
         if (p := self.refused) is not None:
             message = p.message.removeprefix(f"row {p.row}: ").removeprefix(f"item {p.row}: ")
-            return f"{p.file} could not be read, so there are no examples: {message}"
-        tokens = self.num_tokens
-        frac = self.num_supervised / tokens if tokens else 0.0
-        videos = f"{self.num_videos} videos, " if self.num_videos else ""
-        lines = [f"{self.rows} rows -> {len(self.examples)} examples, {self.num_images} images, {videos}"
-                 f"{tokens} tokens ({frac:.1%} supervised)"]
-        if self.rows and not self.examples:
+            return f"{p.file} could not be read, so there are no {self.noun}: {message}"
+        lines = [self.headline()]
+        if self.rows and not self.kept():
             lines[0] = (f"{self.rows} rows and none usable: {len(self.problems)} with problems, "
                         f"{len(self.dropped)} too long")
         lines.extend(f"warning: {w}" for w in self.warnings)
@@ -140,20 +149,22 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
             max_length: int, on_overlong: str = "drop", desc: str = "preparing data",
             read_options: dict | None = None, check_images: str = "auto",
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, find_shrinkable: bool = False,
-            sizes: dict | None = None) -> PreparedData:
+            sizes: dict | None = None, *, rows=iter_rows, out: PreparedData | None = None) -> PreparedData:
     """Read and format a whole data file; problems are collected with file and row.
 
     `check_images` (data.check_images): `decode` decodes every image of the examples in full before training
     (in threads), which also finds truncated or corrupt pixel data; `header` reads headers only; `auto`
     decodes when there are at most AUTO_DECODE_MAX_IMAGES image files. `find_shrinkable`: fill `shrinkable`
-    under every data.on_overlong (see `iter_rows`); `sizes` receives every image and video the rows referenced."""
-    out = PreparedData()
+    under every data.on_overlong (see `iter_rows`); `sizes` receives every image and video the rows referenced.
+    `rows` and `out`: another kind of row and its split (data/preference.py: iter_pairs, PreparedPairs); what a
+    row result keeps (`RowResult.example`) has `source`, `max_pixels`, `images` and `videos`."""
+    out = PreparedData() if out is None else out
     seen: dict[str, RowProblem] = {}
     sizes = {} if sizes is None else sizes
     read_options = {**(read_options or {}), "warn": out.warnings.append}
-    rows = iter_rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options,
-                     max_image_pixels, find_shrinkable, sizes)
-    for result in tqdm(rows, desc=desc, unit=" rows", leave=False):
+    results = rows(path, fmt, image_root, formatter, family, max_length, on_overlong, read_options,
+                   max_image_pixels, find_shrinkable, sizes)
+    for result in tqdm(results, desc=desc, unit=" rows", leave=False):
         out.rows += 1
         if result.shrink_bound is not None:
             source = result.example.source if result.example else f"{result.problem.file}:{result.problem.row}"
@@ -168,7 +179,7 @@ def prepare(path: str | Path, fmt: str, image_root: str | None, formatter: Forma
         else:
             seen[result.fingerprint] = _problem_at(ex.source, "")
         out.shrunk += ex.max_pixels is not None
-        out.examples.append(ex)
+        out.kept().append(ex)
     _decode_images(out, check_images, max_image_pixels, sizes)
     return out
 
@@ -179,7 +190,7 @@ def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int, 
     problem."""
     files: dict[str, list[Example]] = {}
     planned: dict[str, tuple[int, int]] = {}
-    for ex in out.examples:
+    for ex in out.kept():
         refs = {ref: sizes[ref] for ref in ex.images}
         for clip in ex.videos:
             if isinstance(clip.source, tuple):  # a frame list: each frame has the size the video's probe found
@@ -201,7 +212,7 @@ def _decode_images(out: PreparedData, check_images: str, max_image_pixels: int, 
         for ex in files[ref]:
             failed.setdefault(ex.source, problem)
     if failed:
-        out.examples = [ex for ex in out.examples if ex.source not in failed]
+        out.kept()[:] = [ex for ex in out.kept() if ex.source not in failed]
         out.duplicates = [d for d in out.duplicates if f"{d.file}:{d.row}" not in failed]
         out.problems = sorted([*out.problems, *(_problem_at(src, msg) for src, msg in failed.items())],
                               key=lambda p: p.row)

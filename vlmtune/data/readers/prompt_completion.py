@@ -18,13 +18,14 @@ REQUIRED = ("prompt", "completion")
 OPTIONAL = ("images", "image")  # TRL: a list of images, or one image
 
 
-def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
+def read(row: dict, resolve: Resolve, options: Options, completion_key: str = "completion") -> Conversation:
+    """The row as one conversation; `completion_key` names the reply's field (a preference row's "chosen")."""
     prompt = [_prompt_message(m, i) for i, m in enumerate(_messages(row, "prompt", "user"))]
-    completion = _messages(row, "completion", "assistant")
+    completion = _messages(row, completion_key, "assistant")
     for j, msg in enumerate(completion):
         if msg.get("role") != "assistant":
-            raise RowError(f"completion message {j}: role {msg.get('role')!r}; the completion holds the assistant "
-                           'reply only (earlier turns belong in "prompt")')
+            raise RowError(f"{completion_key} message {j}: role {msg.get('role')!r}; the {completion_key} holds the "
+                           'assistant reply only (earlier turns belong in "prompt")')
     if row.get("images") is not None and row.get("image") is not None:
         raise RowError(f'both {label(row, "images")} and {label(row, "image")}: give the images in one of them')
     key = "images" if row.get("images") is not None else "image"
@@ -33,7 +34,7 @@ def read(row: dict, resolve: Resolve, options: Options) -> Conversation:
         prompt = _images_first(prompt, len(images))
     n = len(prompt)
     return read_as(messages, {"messages": [*prompt, *completion], "images": images}, resolve, options,
-                   lambda i: f"prompt message {i}" if i < n else f"completion message {i - n}", row)
+                   lambda i: f"prompt message {i}" if i < n else f"{completion_key} message {i - n}", row)
 
 
 def _messages(row: dict, key: str, role: str) -> list[dict]:
