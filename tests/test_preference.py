@@ -180,3 +180,46 @@ def test_budget_counts_the_prompt_and_the_longer_reply(square, processor_for):
     assert 0 < pair.chosen.media_tokens("image") < image  # fewer image tokens from a smaller image, never cut ones
     grid = pair.chosen.grids[0]
     assert pair.chosen.media_tokens("image") == grid[0] * grid[1] * grid[2] // 4  # the whole (merged) grid
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+
+
+def template_recipe(name: str, fmt: str):
+    from vlmtune.config.schema import ModelConfig, Recipe
+
+    # built in code, not loaded: the recipe's method field belongs to the DPO method, not to the data
+    return Recipe(model=ModelConfig(name_or_path="builtin:tiny-qwen2-vl"),
+                  data=DataConfig(train=str(TEMPLATES / name), format=fmt, max_length=512))
+
+
+def test_shipped_templates_read_as_the_same_pairs_and_validate_counts_them(processor_for):
+    from vlmtune.validation import validate
+
+    trl = validate(template_recipe("preference-example.jsonl", "preference"))
+    plain = validate(template_recipe("preference-plain-example.jsonl", "preference_plain"))
+    assert trl.ok and plain.ok, (trl.problems, plain.problems)
+    assert trl.render().splitlines()[0].startswith("train: 4 rows -> 4 preference pairs, 4 images")
+    assert "tokens per pair (prompt + the longer reply)" in plain.render()
+
+    def ids(report):
+        return [(p.chosen.input_ids, p.rejected.input_ids, p.chosen.labels) for p in report.splits["train"].pairs]
+
+    assert ids(trl)[:3] == ids(plain)
+
+
+def test_inspect_shows_the_prompt_once_and_both_replies_highlighted():
+    from vlmtune.pair_inspection import inspect_recipe
+
+    result = inspect_recipe(template_recipe("preference-example.jsonl", "preference"), index=3)
+    text = str(result)
+    assert text.count("What colour is the square?") == 1 and text.count("<image ×") == 1  # the prompt once
+    assert "--- chosen:\n[[The square is green.<|im_end|>]]" in text
+    assert "--- rejected:\n[[The square is blue.<|im_end|>]]" in text
+    assert "[[The green shape is a square." not in text  # the prompt's assistant turn is no label
+    sample, = result.samples
+    assert sample.to_json()["chosen"]["input_ids"][:sample.pair.prompt_length] == \
+        sample.to_json()["rejected"]["input_ids"][:sample.pair.prompt_length]
+    assert "background:#c8f7c5" in result._repr_html_() and "background:#f7c5c5" in result._repr_html_()
+    sft = inspect_recipe(template_recipe("vqa-example.jsonl", "vqa"), num=1)
+    assert type(sft).__name__ == "Inspection" and "[[" in str(sft)  # the SFT view for SFT data

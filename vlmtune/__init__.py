@@ -23,8 +23,9 @@ def plan(recipe):
 
 
 def inspect(recipe, num: int = 3, index: int | None = None):
-    """Formatted samples with supervised tokens highlighted (HTML in Jupyter, text with print)."""
-    from .inspection import inspect as _inspect
+    """Formatted samples with supervised tokens highlighted (HTML in Jupyter, text with print); preference data
+    shows each pair's prompt once and both replies."""
+    from .pair_inspection import inspect_recipe as _inspect
 
     return _inspect(recipe, num=num, index=index)
 

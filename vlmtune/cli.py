@@ -46,9 +46,9 @@ def cmd_validate(args) -> int:
 def cmd_inspect(args) -> int:
     import json
 
-    from .inspection import inspect
+    from .pair_inspection import inspect_recipe
 
-    result = inspect(_recipe(args), num=args.num, index=args.index)
+    result = inspect_recipe(_recipe(args), num=args.num, index=args.index)
     if args.json:
         for sample in result.samples:
             print(json.dumps(sample.to_json()))

@@ -48,8 +48,9 @@ class Inspection:
     tokenizer: object
     notes: list[str]
 
-    def runs(self, s: SampleView):
-        """(kind, text) pieces: kind is 'image' (an image's or video's whole token sequence), 'train' or 'prompt'."""
+    def runs(self, s: SampleView, start: int = 0):
+        """(kind, text) pieces from token `start` on: kind is 'image' (an image's or video's whole token sequence),
+        'train' or 'prompt'."""
         media = {}
         for a, b, k in s.media:
             media.update({i: (k, a) for i in range(a, b)})
@@ -59,8 +60,7 @@ class Inspection:
                 return media[i]
             return "train" if s.labels[i] != IGNORE_INDEX else "prompt"
 
-        start = 0
-        for k, group in itertools.groupby(range(len(s.input_ids)), key=kind):
+        for k, group in itertools.groupby(range(start, len(s.input_ids)), key=kind):
             n = sum(1 for _ in group)
             if isinstance(k, tuple):
                 yield "image", f"<{k[0]} ×{n}>"
@@ -130,12 +130,15 @@ def inspect(recipe: Recipe, num: int = 3, index: int | None = None, split: str =
             break
     if index is not None and not samples:
         raise VlmtuneError(f"--index {index}: {path} has no such row (it has fewer rows; rows count from 0)")
-    notes = []
-    if family.append_eos_after_reply and formatter.appends_eos(_PROBE):
-        eos = formatter.tokenizer.eos_token
-        notes.append(f"the {family.name} chat template ends a reply without an end-of-sequence token, so "
-                     f"vlmtune appends {eos} to the supervised reply so the model learns to stop")
-    return Inspection(samples, formatter.tokenizer, notes)
+    return Inspection(samples, formatter.tokenizer, eos_notes(family, formatter))
+
+
+def eos_notes(family, formatter) -> list[str]:
+    """What inspect says when the formatter appends an EOS the chat template does not write."""
+    if not (family.append_eos_after_reply and formatter.appends_eos(_PROBE)):
+        return []
+    return [f"the {family.name} chat template ends a reply without an end-of-sequence token, so vlmtune appends "
+            f"{formatter.tokenizer.eos_token} to the supervised reply so the model learns to stop"]
 
 
 def _formatted_views(recipe: Recipe, path: str, family, formatter):
