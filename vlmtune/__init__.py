@@ -51,6 +51,13 @@ def evaluate(model, data, **kwargs):
     return _evaluate(model, data, **kwargs)
 
 
+def training_curves(run, title=None):
+    """A run's (or checkpoint's) training curves as a matplotlib Figure: every logged series (see vlmtune.curves)."""
+    from .curves import training_curves as _curves
+
+    return _curves(run, title=title)
+
+
 def merge_adapter(adapter_dir, out, **kwargs):
     """Merge an adapter into its full-precision base shard by shard, with a parity check (see vlmtune.merge)."""
     from .merge import merge_adapter as _merge
@@ -58,4 +65,4 @@ def merge_adapter(adapter_dir, out, **kwargs):
     return _merge(adapter_dir, out, **kwargs)
 
 
-__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "inspect", "validate", "predict", "evaluate", "merge_adapter", "__version__"]
+__all__ = ["Recipe", "RecipeError", "PreflightError", "VlmtuneError", "load_recipe", "train", "plan", "inspect", "validate", "predict", "evaluate", "training_curves", "merge_adapter", "__version__"]

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import run_folder
+from . import best_checkpoint, run_folder
 from .config import Recipe
 from .disk import DiskFullError, folder_bytes, full_disk_as_error, shortage, swap_in
 from .errors import VlmtuneError
@@ -33,7 +33,8 @@ MAY_DIFFER = {"output_dir", "train.resume_from_checkpoint", "train.max_steps", "
               "train.per_device_eval_batch_size", "train.report_to", "train.max_nonfinite_steps", "data.eval",
               "data.num_workers", "data.check_images", "data.max_bad_samples", "data.max_row_bytes",
               "data.prefetch_factor", "train.gradient_checkpointing",  # recomputed activations are the same
-              "train.liger_kernel"}  # the same functions in fused kernels
+              "train.liger_kernel",  # the same functions in fused kernels
+              "train.eval_metrics", "train.eval_generate_samples", "train.eval_max_new_tokens"}  # only measure
 _PATH_FIELDS = {"model.name_or_path", "data.train", "data.image_root"}
 
 
@@ -260,6 +261,8 @@ class AtomicCheckpoints:
         try:
             with full_disk_as_error(final, needed, what, cleanup=lambda: _discard(staged)):
                 super()._save_checkpoint(model, trial)
+                if best_checkpoint.published(self.state, run_dir, final) and self.args.should_save:
+                    self.state.save_to_json(str(staged / STATE_FILE))  # as the Trainer wrote it, with that path
                 if self.args.should_save and self.run_identity is not None:
                     (staged / RESUME_FILE).write_text(json.dumps(self.run_identity, indent=2), encoding="utf-8")
         finally:

@@ -19,6 +19,7 @@ def _recipe(args):
 
 def cmd_sft(args) -> int:
     from . import distributed
+    from .curves import CURVES
     from .training import train
 
     recipe = _recipe(args)
@@ -31,6 +32,7 @@ def cmd_sft(args) -> int:
     m = result.metrics
     print(f"done: {m.get('global_step', '?')} steps, train loss {m.get('train_loss', float('nan')):.4f}, "
           f"{m.get('train_samples_per_second', 0):.2f} samples/s -> {result.output_dir}")
+    print(f"training curves: {result.output_dir / CURVES}")
     return 0
 
 

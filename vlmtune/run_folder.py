@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import Recipe
 from .disk import existing_ancestor, swap_in
 from .errors import VlmtuneError
+from .reporting import LOGS
 from .run_metadata import METADATA_FILE, listed_files, read_metadata
 
 RESULTS_FILE = "train_results.json"
@@ -20,7 +21,7 @@ RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
 STAGING_PREFIX = ".staging-"  # the final write's temporary folder (training.write_outputs)
 MOVING_FILE = ".vlmtune-moving.json"  # the names the final write moves in, until vlmtune.json lists them
-_RUN_ENTRIES = {METADATA_FILE, RESULTS_FILE, RECIPE_FILE, CHECKPOINTS, MOVING_FILE}
+_RUN_ENTRIES = {METADATA_FILE, RESULTS_FILE, RECIPE_FILE, CHECKPOINTS, MOVING_FILE, LOGS}
 OVERWRITE_HINT = "--overwrite (vlmtune.train(..., overwrite=True))"
 
 
@@ -64,6 +65,8 @@ def run_state(folder: Path) -> str:
     names = {p.name for p in folder.iterdir()}
     if (folder / CHECKPOINTS).is_dir() and not any((folder / CHECKPOINTS).iterdir()):
         names.discard(CHECKPOINTS)  # the Trainer makes it as it starts: a crash before the first save left nothing
+    if CHECKPOINTS not in names:
+        names.discard(LOGS)  # the logs of a start that saved nothing: a new run adds its own logs/<time>/ beside
     if METADATA_FILE in names:
         return "finished"
     if names & _RUN_ENTRIES or any(n.startswith(STAGING_PREFIX) for n in names):

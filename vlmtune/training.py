@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, memory_probe
+from . import __version__, best_checkpoint, curves, eval_during_training, memory_probe
 from .config import Recipe, dump
 from .data.collator import collator_for
 from .data.dataset import to_dataset
@@ -103,6 +103,7 @@ def sft_config(plan: Plan, checkpoint_dir: Path):
         dataloader_prefetch_factor=sizing.prefetch_factor,
         save_only_model=False,
         disable_tqdm=False,
+        **best_checkpoint.trainer_args(t),
     )
 
 
@@ -158,7 +159,8 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
                                lengths=lengths if recipe.train.group_by_length else None,
                                max_bad_samples=recipe.data.max_bad_samples,
                                max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log,
-                               loss_on_labels_only=recipe.train.loss_on_labels_only)
+                               loss_on_labels_only=recipe.train.loss_on_labels_only,
+                               generation_eval=eval_during_training.setup(plan))
     checkpointing = fixed_checkpointing(plan) or memory_probe.measure_for(
         trainer, train_ds, lengths, recipe.train.per_device_train_batch_size, plan.runtime.device, collator)
     log(checkpointing.line())
@@ -177,9 +179,11 @@ def _trainer_class():
     from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
     from .label_loss import LabelOnlyLoss
+    from .reporting import LogsInRunFolder
     from .token_count import CountingCollator, TokenCount
 
-    class VisionSFTTrainer(TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss, SFTTrainer):
+    class VisionSFTTrainer(TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss,
+                           eval_during_training.GenerationMetrics, LogsInRunFolder, SFTTrainer):
         def __init__(self, *args, lengths: list[int] | None = None, data_collator=None, **kwargs):
             self._lengths = lengths
             # each batch states its examples' token count for the logged num_tokens (token_count.py)
@@ -258,6 +262,7 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
         log(f"{resume} is at the last step: nothing was left to train; the run's outputs are written from it")
         metrics = checkpoints.logged_train_metrics(resume)
     metrics["global_step"] = trainer.state.global_step
+    metrics.update(best_checkpoint.reported(trainer, log))  # the checkpoint whose weights the model holds now
     metrics["fast_path"] = trainer.fast_path
     metrics.update(_data_metrics(plan, metrics))
     metrics["wall_seconds"] = time.perf_counter() - start
@@ -280,8 +285,9 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def _final_eval(trainer) -> dict:
-    """Eval metrics at the last step: the trainer's own if it evaluated there, else one more pass."""
-    step = trainer.state.global_step
+    """Eval metrics of the weights written: the trainer's own at the last (best) step, else one more pass."""
+    best = best_checkpoint.record(trainer)
+    step = best["step"] if best else trainer.state.global_step
     logged = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
     if logged:
         return {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
@@ -326,8 +332,10 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             plan.processor.save_pretrained(staging)
             (staging / "recipe.yaml").write_text(dump(plan.recipe), encoding="utf-8")
             (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+            curves.write(trainer.state.log_history, staging, title=str(out.name))
             meta = metadata(plan)
             meta["fast_path"] = getattr(trainer, "fast_path", {})
+            meta.update(best_checkpoint.entry(metrics))
             names = sorted(p.name for p in staging.iterdir())
             note_moving(out, names)  # a kill in the moves below leaves them known as the run's own
             remove_metadata(out)  # the folder is incomplete until it is written again

@@ -69,6 +69,7 @@ BOUNDS = {  # every int and float field of the schema: tests/test_config.py fail
     "train.logging_steps": COUNT, "train.save_steps": COUNT,
     "train.save_total_limit": Bound(1, meaning="null keeps every checkpoint"), "train.eval_steps": COUNT,
     "train.seed": Bound(0, 2**32 - 1), "train.max_nonfinite_steps": COUNT,
+    "train.eval_generate_samples": COUNT, "train.eval_max_new_tokens": COUNT,
     "distributed.num_processes": COUNT, "distributed.num_nodes": COUNT, "distributed.node_rank": NON_NEGATIVE,
     "distributed.master_port": Bound(1, 65535, meaning="a TCP port"),
 }

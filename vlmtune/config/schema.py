@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..data.conversation import TrainOn
 from ..data.formats import FORMATS, PAIR_FORMATS
+from ..reporting import default_report_to
 
 
 @dataclass
@@ -93,7 +94,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     eval_steps: int | None = None
     seed: int = 42
-    report_to: list[str] = field(default_factory=lambda: ["none"])
+    # integrations the Trainer logs to; default: tensorboard when installed (event files under output_dir/logs/)
+    report_to: list[str] = field(default_factory=default_report_to)
     use_cpu: bool = False
     resume_from_checkpoint: str | None = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint folder
     group_by_length: bool = False  # batches of similar lengths: less padding, a little less randomness
@@ -111,6 +113,14 @@ class TrainConfig:
     # auto | true | false: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on the model (liger.py); auto: on a CUDA
     # GPU with liger-kernel installed, for families whose Family.liger it patches; true where it cannot is refused
     liger_kernel: str = "auto"
+    # at each evaluation the first eval_generate_samples eval rows also get a greedy reply (at most
+    # eval_max_new_tokens tokens), scored by these metrics (`vlmtune eval`'s, auto included) and logged as eval_<key>
+    eval_metrics: list[str] = field(default_factory=list)
+    eval_generate_samples: int = 32
+    eval_max_new_tokens: int = 64
+    # eval_loss | eval_<key of an eval metric>: the final adapter is the evaluated checkpoint best by it (loss:
+    # lowest, metrics: highest); needs train.eval_steps, with train.save_steps a multiple of it
+    best_metric: str | None = None
 
 
 @dataclass

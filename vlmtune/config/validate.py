@@ -9,6 +9,7 @@ from ..data.formats import FIELDS
 from ..data.readers import llamafactory
 from ..errors import FieldError
 from .distributed import distributed_errors
+from .eval_fields import eval_errors
 from .ranges import BOUNDS
 from .schema import CHOICES, Recipe, describe, numeric_fields, show
 
@@ -80,6 +81,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
          "needs DataLoader workers: set data.num_workers to 1 or more (or leave it unset), or leave prefetch_factor out")
     need(bool(recipe.output_dir), "output_dir", "is required")
     errs.extend(distributed_errors(recipe, check_paths))
+    errs.extend(eval_errors(recipe))
     return errs
 
 

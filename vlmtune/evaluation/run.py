@@ -37,7 +37,7 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
     if out is not None:
         check_out(out, overwrite)
     rows = read_eval_rows(data, fmt, options, image_root)
-    _check_references(chosen, rows.rows)
+    check_references(chosen, rows.rows)
     main = describe(model, base)
     against = against or ("base" if main.kind == "adapter" else "none")
     other = describe(against) if against not in ("base", "none") else None
@@ -90,7 +90,7 @@ def _most_moved(comparisons):
     return next((c for c in comparisons if c.better or c.worse), comparisons[0])
 
 
-def _check_references(chosen, rows) -> None:
+def check_references(chosen, rows) -> None:
     """Every (metric, row) whose references the metric cannot score, in one error."""
     problems = []
     for m in chosen:
