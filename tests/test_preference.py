@@ -223,3 +223,15 @@ def test_inspect_shows_the_prompt_once_and_both_replies_highlighted():
     assert "background:#c8f7c5" in result._repr_html_() and "background:#f7c5c5" in result._repr_html_()
     sft = inspect_recipe(template_recipe("vqa-example.jsonl", "vqa"), num=1)
     assert type(sft).__name__ == "Inspection" and "[[" in str(sft)  # the SFT view for SFT data
+
+
+def test_pairs_are_cached_like_sft_examples(monkeypatch):
+    import vlmtune.preflight as preflight
+
+    recipe = template_recipe("preference-example.jsonl", "preference")
+    _, family, formatter = preflight.formatting_for(recipe)
+    first = preflight.check_data(recipe, family, formatter)[0]["train"]
+    monkeypatch.setattr(preflight, "prepare_pairs", lambda *a, **k: pytest.fail("prepared again"))
+    again = preflight.check_data(recipe, family, formatter)[0]["train"]
+    assert isinstance(again, PreparedPairs) and again.pairs == first.pairs and len(again.pairs) == 4
+    assert again.summary() == first.summary()

@@ -119,11 +119,7 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
         path = getattr(d, split)
         if not path:
             continue
-        if is_pair_format(d.format):  # preference rows: pairs of examples (not in the prepared-data cache yet)
-            data = prepare_pairs(recipe, family, formatter, split, check_images=check_images,
-                                 find_shrinkable=find_shrinkable)
-        else:
-            data = _prepared(recipe, split, family, formatter, check_images, find_shrinkable)
+        data = _prepared(recipe, split, family, formatter, check_images, find_shrinkable)
         problems.extend(str(p) for p in data.problems)
         if data.rows and not data.kept() and not data.problems:
             problems.append(f"{path}: every row was dropped as too long for data.max_length={d.max_length}")
@@ -134,7 +130,7 @@ def check_data(recipe: Recipe, family: Family, formatter: Formatter, check_image
 
 
 def _prepared(recipe: Recipe, split: str, family: Family, formatter: Formatter, check_images: str,
-              find_shrinkable: bool) -> PreparedData:
+              find_shrinkable: bool) -> PreparedData | PreparedPairs:
     """One split prepared, from the prepared-data cache when data.cache is on. With several processes rank 0
     prepares (or loads) and stores the entry, the others load it (preparing themselves if they cannot read it:
     another machine's disk)."""
@@ -142,6 +138,9 @@ def _prepared(recipe: Recipe, split: str, family: Family, formatter: Formatter, 
     path = getattr(d, split)
 
     def build(check: str, sizes: dict | None = None) -> PreparedData:
+        if is_pair_format(d.format):  # preference rows: a split of pairs of examples
+            return prepare_pairs(recipe, family, formatter, split, check_images=check,
+                                 find_shrinkable=find_shrinkable, sizes=sizes)
         return prepare(path, d.format, d.image_root, formatter, family, d.max_length, d.on_overlong,
                        desc=f"checking {split} data", read_options=reader_options(d), check_images=check,
                        max_image_pixels=d.max_image_pixels, find_shrinkable=find_shrinkable, sizes=sizes)

@@ -6,7 +6,8 @@ them, the family, the processor's saved files (tokenizer, chat template, image a
 vlmtune version, the source of the data and family code and the versions of the libraries that tokenize, render
 templates and read image and video headers. The media files the rows referenced are checked on load (size,
 modification and change time: a copy that keeps the mtime still changes the ctime), since their headers plan the
-image tokens. Token ids are stored as numpy arrays (loaded without pickle), everything else as JSON. Past
+image tokens. A preference split stores its pairs as chosen, rejected, chosen, ... examples. Token ids are stored
+as numpy arrays (loaded without pickle), everything else as JSON. Past
 $VLMTUNE_PREPARED_CACHE_GB (default 20) the least recently used entries are removed; a cache that cannot be
 written only costs the next run its head start."""
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import RowProblem
+from .preference import PreferencePair, PreparedPairs
 from .prepare import Example, PreparedData
 from .readers import llamafactory
 from .video import VideoClip
@@ -166,16 +168,29 @@ def load(key: str) -> PreparedData | None:
 
 
 def _rebuild(meta: dict, rows: list[dict], ids, labels, offsets) -> PreparedData:
-    out = PreparedData(**{k: int(meta[k]) for k in _COUNTS})
+    pairs = bool(meta.get("pairs"))
+    out = (PreparedPairs if pairs else PreparedData)(**{k: int(meta[k]) for k in _COUNTS})
     for name in _PROBLEM_LISTS:
         setattr(out, name, [RowProblem(**p) for p in meta[name]])
+    examples = []
     for i, r in enumerate(rows):
         a, b = int(offsets[i]), int(offsets[i + 1])
-        out.examples.append(Example(ids[a:b].tolist(), labels[a:b].tolist(), r["images"],
+        examples.append(Example(ids[a:b].tolist(), labels[a:b].tolist(), r["images"],
                                     [tuple(g) for g in r["grids"]], r["source"], r["max_pixels"],
                                     [VideoClip.from_json(v) for v in r["videos"]],
                                     [tuple(m) for m in r["media"]]))
+    if pairs:  # stored chosen, rejected, chosen, rejected, ...
+        out.pairs = [PreferencePair(c, r, c.source) for c, r in zip(examples[::2], examples[1::2], strict=True)]
+    else:
+        out.examples = examples
     return out
+
+
+def _flat(data: PreparedData) -> list[Example]:
+    """The examples an entry stores: a preference split's pairs as chosen, rejected, chosen, ..."""
+    if isinstance(data, PreparedPairs):
+        return [e for p in data.pairs for e in (p.chosen, p.rejected)]
+    return data.examples
 
 
 def store(key: str, data: PreparedData, sizes: dict, log: Callable[[str], None] | None = None) -> Path | None:
@@ -227,19 +242,20 @@ def _write(final: Path, key: str, data: PreparedData, sizes: dict) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
     try:
-        lengths = [len(e.input_ids) for e in data.examples]
+        examples = _flat(data)
+        lengths = [len(e.input_ids) for e in examples]
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-        flat = [t for e in data.examples for t in e.input_ids]
-        flat_labels = [t for e in data.examples for t in e.labels]
+        flat = [t for e in examples for t in e.input_ids]
+        flat_labels = [t for e in examples for t in e.labels]
         dtype = np.int32 if max(flat, default=0) < 2**31 else np.int64  # half the bytes for any real vocabulary
         np.savez(tmp / "tokens.npz", input_ids=np.asarray(flat, dtype=dtype),
                  labels=np.asarray(flat_labels, dtype=dtype), offsets=offsets)
         with (tmp / "examples.jsonl").open("w") as f:
-            for e in data.examples:
+            for e in examples:
                 f.write(json.dumps({"images": e.images, "grids": [list(g) for g in e.grids], "source": e.source,
                                     "max_pixels": e.max_pixels, "videos": [v.to_json() for v in e.videos],
                                     "media": [list(m) for m in e.media]}) + "\n")
-        meta = {"format": FORMAT, "key": key, "media": media_stamps(sizes),
+        meta = {"format": FORMAT, "key": key, "media": media_stamps(sizes), "pairs": isinstance(data, PreparedPairs),
                 **{k: getattr(data, k) for k in _COUNTS},
                 **{name: [dataclasses.asdict(p) for p in getattr(data, name)] for name in _PROBLEM_LISTS}}
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: an entry without it is ignored
