@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     _add_merge_and_predict(sub)
     _add_eval(sub)
+    from .embedding_cli import add_embedding_commands
+
+    add_embedding_commands(sub)
     return parser
 
 

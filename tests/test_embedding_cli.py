@@ -1,0 +1,38 @@
+"""The dual-encoder commands end to end on the tiny CLIP: contrastive train, recall, merge, index build, search."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.cli import main
+from vlmtune.contrastive.pairs import make_shape_captions
+
+
+@pytest.mark.slow
+def test_train_recall_merge_index_search(tmp_path, capsys):
+    data = make_shape_captions(tmp_path / "data", n_train=24, n_eval=6)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""method: contrastive
+model: {{name_or_path: "builtin:tiny-clip"}}
+lora: {{r: 4, alpha: 8, towers: vision}}
+data: {{train: {data}/train.jsonl, eval: {data}/eval.jsonl, format: caption}}
+train: {{max_steps: 4, per_device_train_batch_size: 6, gradient_accumulation_steps: 1, report_to: [none]}}
+output_dir: {tmp_path}/run
+""")
+    assert main(["contrastive", "train", str(recipe), "train.learning_rate=1e-3"]) == 0
+    assert "recall@1 image->text" in capsys.readouterr().out
+    assert main(["contrastive", "train", str(recipe)]) == 2  # the folder holds a run: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["contrastive", "recall", str(tmp_path / "run"), "--json"]) == 0
+    side = json.loads(capsys.readouterr().out)
+    assert set(side) == {"base", "adapter"} and "t2i_r@10" in side["adapter"]
+    assert main(["contrastive", "merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    assert main(["index", "build", "--model", str(tmp_path / "merged"), "--images", str(data / "eval.jsonl"),
+                 "--out", str(tmp_path / "ix"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", str(tmp_path / "ix"), "a red circle", "-k", "3", "--json"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(hits) == 3 and all(h["path"].startswith(str(data / "images")) for h in hits)
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
