@@ -180,6 +180,10 @@ def test_budget_counts_the_prompt_and_the_longer_reply(square, processor_for):
     assert 0 < pair.chosen.media_tokens("image") < image  # fewer image tokens from a smaller image, never cut ones
     grid = pair.chosen.grids[0]
     assert pair.chosen.media_tokens("image") == grid[0] * grid[1] * grid[2] // 4  # the whole (merged) grid
+    family = families.get("qwen2_vl")
+    recipe = SimpleNamespace(data=DataConfig(train=str(path), format="preference", max_length=limit))
+    found = prepare_pairs(recipe, family, Formatter(family, processor_for("qwen2_vl")), find_shrinkable=True)
+    assert [(p.row, p.message) for p in found.shrinkable] == [(1, f"max_pixels={pair.max_pixels}")]  # validate's
 
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"

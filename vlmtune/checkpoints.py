@@ -108,9 +108,11 @@ def resume_point(recipe: Recipe, folder: RunFolder, log=print) -> str | None:
 def run_identity(plan) -> dict:
     """What a checkpoint records about the run that made it: the recipe, the processes, the data it read."""
     from .distributed import world_size
+    from .methods import get as method_for
 
+    method = method_for(plan.recipe.method)
     return {"recipe": plan.recipe.to_dict(), "world_size": world_size(),
-            "train_data": {"examples": len(plan.train.examples), "tokens": plan.train.num_tokens}}
+            "train_data": {"examples": method.size(plan.train), "tokens": method.num_tokens(plan.train)}}
 
 
 def check_same_run(checkpoint: str, plan) -> None:

@@ -10,11 +10,37 @@ import traceback
 from . import __version__
 from .config import RecipeError, load_recipe
 from .data.formats import FORMATS
-from .errors import VlmtuneError
+from .errors import FieldError, VlmtuneError
 
 
 def _recipe(args):
-    return load_recipe(args.recipe, overrides=list(args.overrides))
+    overrides = list(args.overrides)
+    wanted = getattr(args, "method", None)  # `vlmtune sft` / `vlmtune dpo`: the command names the method
+    if wanted is not None:
+        said = _method_in(args.recipe, overrides)
+        if said not in (None, wanted):
+            raise RecipeError([FieldError("method", f"is {said!r} in this recipe, but `vlmtune {wanted}` trains "
+                                          f"{wanted}: run `vlmtune train {args.recipe}`, or set method: {wanted}")],
+                              args.recipe)
+        overrides = [f"method={wanted}", *overrides]
+    return load_recipe(args.recipe, overrides=overrides)
+
+
+def _method_in(path: str, overrides: list[str]) -> str | None:
+    """The method a recipe file and its overrides name (the last word wins), None where neither does."""
+    import yaml
+
+    said = None
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        said = raw.get("method") if isinstance(raw, dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass  # load_recipe reports the file's problem
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "method":
+            said = value.strip()
+    return said
 
 
 def cmd_sft(args) -> int:
@@ -159,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
-        ("sft", cmd_sft, "train a LoRA adapter from a recipe"),
+        ("train", cmd_sft, "train a LoRA adapter from a recipe with its method (method: sft | dpo)"),
+        ("sft", cmd_sft, "train a LoRA adapter by supervised fine-tuning (method: sft)"),
+        ("dpo", cmd_sft, "train a LoRA adapter by preference tuning on chosen/rejected pairs (method: dpo)"),
         ("validate", cmd_validate, "check a recipe, its model and every data row without training"),
         ("inspect", cmd_inspect, "show formatted samples with the supervised tokens highlighted"),
     ):
@@ -167,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        if name == "sft":
+        if name in ("sft", "dpo"):
+            p.set_defaults(method=name)
+        if name in ("train", "sft", "dpo"):
             p.add_argument("--overwrite", action="store_true",
                            help="replace a run already in output_dir (kept whole until the new one is complete)")
         if name == "validate":

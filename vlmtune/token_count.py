@@ -20,8 +20,10 @@ class CountingCollator:
         self.collate = collate
 
     def __call__(self, features: list[dict]) -> dict:
-        rows = [r for f in features for r in (f["pack"] if "pack" in f else [f]) if not r.get("bad_sample")]
         batch = self.collate(features)
+        if REAL_TOKENS in batch:  # a collator whose rows are not examples (preference pairs) states its own count
+            return batch
+        rows = [r for f in features for r in (f["pack"] if "pack" in f else [f]) if not r.get("bad_sample")]
         batch[REAL_TOKENS] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
         return batch
 

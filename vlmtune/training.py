@@ -28,6 +28,8 @@ from .distributed.zero3 import gathered_adapter_state, keep_vision_in_step
 from .errors import VlmtuneError
 from .loader_sizing import Sizing, idle_cpus, limit_loader_threads, local_processes
 from .loader_sizing import size as loader_size
+from .methods import Method
+from .methods import get as method_for
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
 from .run_folder import RESULTS_FILE, STAGING_PREFIX
@@ -59,18 +61,25 @@ def fixed_checkpointing(plan: Plan) -> memory_probe.Checkpointing | None:
 
 
 def sft_config(plan: Plan, checkpoint_dir: Path):
-    """The Trainer's arguments for a plan. Sets no process-wide state of vlmtune's own (prepare_deepspeed_process
-    does, first); transformers registers the DeepSpeed config it is given, for as long as the arguments live."""
+    """The SFTTrainer's arguments for a plan (see trainer_args)."""
     from trl import SFTConfig
 
+    return trainer_args(plan, checkpoint_dir, SFTConfig, max_length=None,
+                        dataset_kwargs={"skip_prepare_dataset": True})
+
+
+def trainer_args(plan: Plan, checkpoint_dir: Path, config_cls, **extra):
+    """A TRL config (`config_cls`) with the arguments every method shares, plus the method's own (`extra`). Sets no
+    process-wide state of vlmtune's own (prepare_deepspeed_process does, first); transformers registers the
+    DeepSpeed config it is given, for as long as the arguments live."""
     t = plan.recipe.train
     sizing = loader_sizing(plan)
     fixed = fixed_checkpointing(plan)  # auto: off until a measured step asks for it (build_trainer)
     on_gpu = plan.runtime.device == "cuda"
-    has_eval = plan.eval is not None and len(plan.eval.examples) > 0
-    return SFTConfig(
+    has_eval = plan.eval is not None and method_for(plan.recipe.method).size(plan.eval) > 0
+    return config_cls(
         deepspeed=plan.deepspeed,
-        **_checkpointing_args(SFTConfig, fixed is not None and fixed.enabled),
+        **_checkpointing_args(config_cls, fixed is not None and fixed.enabled),
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -94,8 +103,7 @@ def sft_config(plan: Plan, checkpoint_dir: Path):
         bf16=plan.runtime.dtype == torch.bfloat16 and on_gpu,
         fp16=plan.runtime.dtype == torch.float16 and on_gpu,
         use_cpu=not on_gpu,
-        max_length=None,
-        dataset_kwargs={"skip_prepare_dataset": True},
+        **extra,
         remove_unused_columns=False,
         dataloader_num_workers=sizing.workers,
         dataloader_persistent_workers=sizing.persistent_workers,
@@ -118,30 +126,14 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
-    """The SFTTrainer for a plan: base model, LoRA, vlmtune's dataset and collator."""
+    """The trainer of the recipe's method for a plan: base model, LoRA, vlmtune's dataset and collator."""
+    method = method_for(plan.recipe.method)
+    if method.builds_trainer:
+        return _method_trainer(plan, method, checkpoint_dir, log)
     recipe = plan.recipe
-    deepspeed = prepare_deepspeed_process(plan)  # the steps that set process-wide state: see distributed/process.py
-    sizing = loader_sizing(plan, idle_cpus())
-    set_thread_counts(sizing, log)
-    args = sft_config(plan, checkpoint_dir)
-    from transformers import set_seed
-
-    set_seed(recipe.train.seed)  # LoRA's random init happens before the Trainer seeds anything
-    model = load_base_model(plan)
-    del deepspeed  # loaded: from here on the Trainer's arguments keep their own DeepSpeed config registered
-    kernels = apply_liger_kernels(model, plan, log)  # before LoRA wraps the layers liger patches
-    model = attach_lora(model, plan)
-    if plan.zero_stage == 3 or plan.world_size > 1:  # every rank runs the vision tower once per forward
-        keep_vision_in_step(model, plan.family, plan.processor)
-    report = trainable_report(model, plan.family)
-    log(format_report(report))
-    if sum(t for t, _ in report.values()) == 0:
-        raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
+    model, args, sizing, kernels, report = _policy(plan, lambda: sft_config(plan, checkpoint_dir), None, log)
     vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)  # the pre-pass, if on
-    tokenizer = plan.processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
-    multiple = 8 if plan.runtime.device == "cuda" else None
+    pad_id, multiple = _padding(plan)
     collator = collator_for(plan.family, pad_id, pad_to_multiple_of=multiple)
     # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
     train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True,
@@ -171,37 +163,132 @@ def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
     return trainer, report
 
 
+def _policy(plan: Plan, make_args, init_adapter: str | None, log):
+    """(model, trainer arguments, loader sizing, liger kernels, trainable report): the base model with a fresh LoRA
+    adapter, or with `init_adapter` loaded trainable."""
+    deepspeed = prepare_deepspeed_process(plan)  # the steps that set process-wide state: see distributed/process.py
+    sizing = loader_sizing(plan, idle_cpus())
+    set_thread_counts(sizing, log)
+    args = make_args()
+    from transformers import set_seed
+
+    set_seed(plan.recipe.train.seed)  # LoRA's random init happens before the Trainer seeds anything
+    model = load_base_model(plan)
+    del deepspeed  # loaded: from here on the Trainer's arguments keep their own DeepSpeed config registered
+    kernels = apply_liger_kernels(model, plan, log)  # before LoRA wraps the layers liger patches
+    model = attach_lora(model, plan) if init_adapter is None else load_trainable_adapter(model, plan, init_adapter, log)
+    if plan.zero_stage == 3 or plan.world_size > 1:  # every rank runs the vision tower once per forward
+        keep_vision_in_step(model, plan.family, plan.processor)
+    report = trainable_report(model, plan.family)
+    log(format_report(report))
+    if sum(t for t, _ in report.values()) == 0:
+        raise VlmtuneError("nothing would be trained: no parameter requires a gradient; check lora.target_modules")
+    return model, args, sizing, kernels, report
+
+
+def _padding(plan: Plan) -> tuple[int, int | None]:
+    tokenizer = plan.processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
+    return pad_id, 8 if plan.runtime.device == "cuda" else None
+
+
+def _method_trainer(plan: Plan, method: Method, checkpoint_dir: Path, log):
+    """The trainer of a method that builds its own (methods/): its arguments, examples, collator and TRL trainer
+    around the shared policy model, guards and atomic checkpoints."""
+    from functools import partial
+
+    from .checkpoints import AtomicCheckpoints
+    from .guards import GuardedTrainer
+    from .token_count import TokenCount
+    from .vision_cache_prepass import VisionCache, VisionCalls
+
+    recipe = plan.recipe
+    make = partial(trainer_args, plan, checkpoint_dir)
+    model, args, sizing, kernels, report = _policy(plan, lambda: method.trainer_args(make, recipe),
+                                                   method.init_adapter(recipe), log)
+    if method.uses_vision_cache:
+        vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)
+    else:
+        vision = VisionCache(False, f"not used by method {method.name}", VisionCalls(model, plan.family))
+        log(f"vision feature cache: off ({vision.reason})")
+    pad_id, multiple = _padding(plan)
+    collator = method.collator(plan, pad_id, multiple, plan.runtime.attn_implementation)
+    train_ds, eval_ds, lengths = method.datasets(plan, vision, log)
+    cls = method.trainer_class((RunTrainer, TokenCount, GuardedTrainer, AtomicCheckpoints))
+    trainer = cls(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                  processing_class=plan.processor, lengths=lengths if recipe.train.group_by_length else None,
+                  max_bad_samples=recipe.data.max_bad_samples, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
+                  log=log, **method.trainer_kwargs(plan, lengths))
+    checkpointing = fixed_checkpointing(plan) or memory_probe.measure_for(
+        trainer, train_ds, lengths, recipe.train.per_device_train_batch_size, plan.runtime.device, collator)
+    log(checkpointing.line())
+    trainer.fast_path = {"gradient_checkpointing": checkpointing.record(), "liger_kernel": kernels,
+                         "data_loading": sizing.note}
+    trainer.vision_cache = vision
+    return trainer, report
+
+
+def load_trainable_adapter(model, plan: Plan, folder: str, log):
+    """`folder`'s LoRA adapter on the base model, trainable; refused when it was trained on another base model."""
+    from peft import PeftModel
+
+    from .config.schema import switch
+    from .modeling import prepare_quantized
+    from .run_metadata import read_metadata
+
+    meta = read_metadata(folder) if (Path(folder) / "vlmtune.json").is_file() else {}
+    base = meta.get("base_model")
+    if base is not None and base != plan.recipe.model.name_or_path:
+        raise VlmtuneError(f"dpo.init_adapter: {folder} was trained on {base}, not on model.name_or_path "
+                           f"{plan.recipe.model.name_or_path}; train from that base model, or start a fresh adapter")
+    if plan.recipe.quantization.mode != "none":
+        prepare_quantized(model, switch(plan.recipe.train.gradient_checkpointing) != "false")
+    log(f"starting from the adapter in {folder}")
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+
+class RunTrainer:
+    """Trainer mixin of every method (first in the bases): the logged token count from the collator
+    (token_count.py), DataLoader workers on one thread (loader_sizing.py), batches grouped by the lengths known
+    from preparation (no pass over the images)."""
+
+    def __init__(self, *args, lengths: list[int] | None = None, data_collator=None, **kwargs):
+        from .token_count import CountingCollator
+
+        self._lengths = lengths
+        counting = CountingCollator(data_collator) if data_collator is not None else None
+        super().__init__(*args, data_collator=counting, **kwargs)
+
+    def get_train_dataloader(self):
+        return limit_loader_threads(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return limit_loader_threads(super().get_eval_dataloader(eval_dataset))
+
+    def _get_train_sampler(self, train_dataset=None):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        if self._lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=self._lengths, generator=generator)
+
+
 def _trainer_class():
-    """SFTTrainer that can group batches by the lengths known from preparation (no pass over the images)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    """vlmtune's SFTTrainer (RunTrainer: token count, loader threads, length-grouped batches)."""
     from trl import SFTTrainer
 
     from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
     from .label_loss import LabelOnlyLoss
     from .reporting import LogsInRunFolder
-    from .token_count import CountingCollator, TokenCount
+    from .token_count import TokenCount
 
-    class VisionSFTTrainer(TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss,
+    class VisionSFTTrainer(RunTrainer, TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss,
                            eval_during_training.GenerationMetrics, LogsInRunFolder, SFTTrainer):
-        def __init__(self, *args, lengths: list[int] | None = None, data_collator=None, **kwargs):
-            self._lengths = lengths
-            # each batch states its examples' token count for the logged num_tokens (token_count.py)
-            counting = CountingCollator(data_collator) if data_collator is not None else None
-            super().__init__(*args, data_collator=counting, **kwargs)
-
-        def get_train_dataloader(self):  # each worker on one thread (loader_sizing.py)
-            return limit_loader_threads(super().get_train_dataloader())
-
-        def get_eval_dataloader(self, eval_dataset=None):
-            return limit_loader_threads(super().get_eval_dataloader(eval_dataset))
-
-        def _get_train_sampler(self, train_dataset=None):
-            if self._lengths is None:
-                return super()._get_train_sampler(train_dataset)
-            generator = torch.Generator().manual_seed(self.args.seed)
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=self._lengths, generator=generator)
+        pass
 
     return VisionSFTTrainer
 
@@ -217,6 +304,7 @@ def metadata(plan: Plan) -> dict:
         "family": plan.family.name,
         "model_type": plan.model_config.model_type,
         "base_model": r.model.name_or_path,
+        "method": r.method,
         "quantization": r.quantization.mode,
         "dtype": str(plan.runtime.dtype).removeprefix("torch."),
         "pixel_bounds": pixel_bounds(plan.processor, plan.family),
@@ -268,7 +356,7 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
     metrics["wall_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
-    if plan.eval is not None and plan.eval.examples:
+    if plan.eval is not None and method_for(recipe.method).size(plan.eval):
         metrics.update(_final_eval(trainer))
     metrics.update(trainer.bad_sample_report())  # collective under multi-process: every rank
     metrics.update(trainer.vision_cache.metrics())
@@ -297,15 +385,12 @@ def _final_eval(trainer) -> dict:
 def _data_metrics(plan: Plan, metrics: dict) -> dict:
     epochs = metrics.get("epoch", 1.0) or 1.0
     runtime = metrics.get("train_runtime") or 0.0
-    tokens, supervised = plan.train.num_tokens, plan.train.num_supervised
-    n = max(len(plan.train.examples), 1)
+    counts = method_for(plan.recipe.method).data_metrics(plan.train)
+    tokens, supervised = counts["train_tokens_per_epoch"], counts["train_supervised_tokens_per_epoch"]
+    n = max(counts["train_examples"], 1)
     seen = epochs * n
     return {
-        "train_examples": len(plan.train.examples),
-        "train_dropped": len(plan.train.dropped),
-        "train_tokens_per_epoch": tokens,
-        "train_supervised_tokens_per_epoch": supervised,
-        "supervised_fraction": supervised / tokens if tokens else 0.0,
+        **counts,
         "tokens_per_second": tokens * seen / n / runtime if runtime else 0.0,
         "supervised_tokens_per_second": supervised * seen / n / runtime if runtime else 0.0,
     }

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 PATH_FIELDS = ("model.name_or_path", "data.train", "data.eval", "data.image_root", "train.resume_from_checkpoint",
-               "distributed.deepspeed", "distributed.hostfile", "output_dir")
+               "distributed.deepspeed", "distributed.hostfile", "output_dir", "dpo.init_adapter")
 
 
 def paths_resolved(key: str, value, base: Path):

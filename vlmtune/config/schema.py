@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..data.conversation import TrainOn
 from ..data.formats import FORMATS, PAIR_FORMATS
+from ..methods.dpo import DPOConfig
 from ..reporting import default_report_to
 
 
@@ -145,6 +146,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    method: str = "sft"  # the training method: a name in vlmtune.methods (sft | dpo); its section is named like it
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     output_dir: str = "runs/vlmtune"
     source: str | None = field(default=None, metadata={"internal": True})
 

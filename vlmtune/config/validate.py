@@ -81,8 +81,20 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
          "needs DataLoader workers: set data.num_workers to 1 or more (or leave it unset), or leave prefetch_factor out")
     need(bool(recipe.output_dir), "output_dir", "is required")
     errs.extend(distributed_errors(recipe, check_paths))
+    errs.extend(_method_errors(recipe, check_paths))
     errs.extend(eval_errors(recipe))
     return errs
+
+
+def _method_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
+    """`method` one of the registry's, and each method's own rules (its section; shared fields it cannot use)."""
+    from .. import methods
+
+    if recipe.method not in methods.names():
+        close = difflib.get_close_matches(str(recipe.method), methods.names(), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return [FieldError("method", f"must be one of {', '.join(methods.names())}, got {show(recipe.method)}{hint}")]
+    return [e for m in methods.METHODS.values() for e in m.validate(recipe, check_paths)]
 
 
 def _columns_errors(columns: object, fmt: str) -> list[FieldError]:
