@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,8 @@ def test_sft_tiny_demo_end_to_end(tmp_path):
                            f"output_dir={out}"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done:" in proc.stdout and "trainable" in proc.stdout
+    assert f"training curves: {out / 'training_curves.png'}" in proc.stdout and (out / "training_curves.png").is_file()
+    assert re.search(r"best checkpoint: step \d+ \(eval_token_f1 [0-9.]+\)", proc.stdout)
     results = json.loads((out / "train_results.json").read_text())
     assert results["eval_loss"] < 3.0, results  # starts near ln(vocab) = 6.9
     meta = json.loads((out / "vlmtune.json").read_text())

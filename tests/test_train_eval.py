@@ -196,3 +196,25 @@ def test_references_a_metric_cannot_score_are_refused_before_training(tmp_path):
                                                    r".*metric pope cannot score 2 "
                                                    r"reference\(s\).*train.jsonl:1"):
         eval_during_training.setup(plan_run(recipe))
+
+
+def test_the_best_checkpoint_is_recorded_by_its_published_path(tmp_path):
+    """The Trainer, saving under checkpoints/.saving/, would record the staged path (gone once published)."""
+    from types import SimpleNamespace
+
+    from vlmtune.best_checkpoint import published
+
+    run_dir = tmp_path / "checkpoints"
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    state = SimpleNamespace(best_global_step=4, best_model_checkpoint=str(run_dir / ".saving" / "checkpoint-4"))
+    assert published(state, run_dir, run_dir / "checkpoint-4")  # being published now
+    assert state.best_model_checkpoint == str(run_dir / "checkpoint-4")
+    (run_dir / "checkpoint-4").mkdir()  # published
+    assert not published(state, run_dir, run_dir / "checkpoint-6")  # an earlier best: unchanged
+    assert state.best_model_checkpoint == str(run_dir / "checkpoint-4")
+    state.best_global_step = 5  # evaluated at a step that saved nothing: the earlier saved best stays
+    assert not published(state, run_dir, run_dir / "checkpoint-6")
+    assert state.best_model_checkpoint == str(run_dir / "checkpoint-4")
+    state.best_global_step, state.best_model_checkpoint = 2, "/elsewhere/checkpoint-2"  # a moved run (--overwrite)
+    assert published(state, run_dir, run_dir / "checkpoint-6")
+    assert state.best_model_checkpoint == str(run_dir / "checkpoint-2")
