@@ -239,3 +239,17 @@ def test_pairs_are_cached_like_sft_examples(monkeypatch):
     again = preflight.check_data(recipe, family, formatter)[0]["train"]
     assert isinstance(again, PreparedPairs) and again.pairs == first.pairs and len(again.pairs) == 4
     assert again.summary() == first.summary()
+
+
+@pytest.mark.parametrize(("reference", "name"), [("qwen2_5_vl_7b_instruct", "qwen2_5_vl"), ("llava_1_5_7b_hf", "llava")])
+def test_the_prompt_is_the_real_processors_generation_prompt(reference, name, reference_processor, square):
+    """With real tokenizer and template files, a pair's prompt tokens are exactly what the processor makes of the
+    prompt before generating, so DPO scores each reply where generation would write it."""
+    processor, family = reference_processor(reference), families.get(name)
+    path = write_jsonl(square / f"{reference}.jsonl", [trl_row("red.png", " The square is red.", "No square")])
+    recipe = SimpleNamespace(data=DataConfig(train=str(path), format="preference", max_length=4096))
+    pair, = prepare_pairs(recipe, family, Formatter(family, processor)).pairs
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = processor(text=[text], images=[Image.open(square / "red.png").convert("RGB")])["input_ids"][0]
+    assert pair.chosen.input_ids[:pair.prompt_length] == list(expected)
