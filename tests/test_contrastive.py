@@ -66,37 +66,6 @@ def test_the_familys_loss_is_its_models_own(family):
     assert torch.allclose(own, ours, atol=1e-5)
 
 
-def _grads(*tensors):
-    return [torch.zeros_like(t).reshape(-1) if t.grad is None else t.grad.reshape(t.shape or 1) for t in tensors]
-
-
-def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for kind in ("infonce", "sigmoid"):
-            images, texts = (x.clone().requires_grad_(True) for x in _batch())
-            scale, bias = torch.tensor(1.2, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
-            n = len(images) // world
-            mine = slice(rank * n, (rank + 1) * n)
-            loss = contrastive_loss(kind, images[mine], texts[mine], scale, bias)
-            loss.backward()
-            grads = _grads(images, texts, scale, bias)
-            for g in grads:  # DDP averages gradients over processes
-                dist.all_reduce(g)
-                g /= world
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            results[kind] = {"loss": float(total / world), "grads": [g.tolist() for g in grads]}
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_negatives_gathered_over_two_processes_give_the_whole_batch_loss_and_gradients(tmp_path):
     import socket
 
@@ -105,17 +74,17 @@ def test_negatives_gathered_over_two_processes_give_the_whole_batch_loss_and_gra
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from tests import contrastive_gather_worker as worker
+
     out = tmp_path / "gathered.json"
-    mp.spawn(_gather_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(worker.run, args=(2, port, str(out)), nprocs=2, join=True)
     got = json.loads(out.read_text())
     for kind in ("infonce", "sigmoid"):
-        images, texts = (x.clone().requires_grad_(True) for x in _batch())
-        scale, bias = torch.tensor(1.2, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+        images, texts, scale, bias = worker.leaves()
         loss = contrastive_loss(kind, images, texts, scale, bias)
         loss.backward()
         assert got[kind]["loss"] == pytest.approx(float(loss), abs=1e-5)
-        want = _grads(images, texts, scale, bias)
-        for g, w in zip(got[kind]["grads"], want, strict=True):
+        for g, w in zip(got[kind]["grads"], worker.grads(images, texts, scale, bias), strict=True):
             np.testing.assert_allclose(np.array(g), w.numpy(), atol=1e-5)
     assert got["infonce"]["grads"][1] != got["sigmoid"]["grads"][1]
 
@@ -157,8 +126,9 @@ def test_a_short_run_raises_recall_and_changes_only_what_it_trains(family, shape
     from vlmtune.contrastive.merge import merge_contrastive
     from vlmtune.contrastive.train import train_contrastive
 
-    out = train_contrastive(_recipe(family, shapes_pairs, tmp_path / "run"), log=lambda *a: None)
+    out = train_contrastive(_recipe(family, shapes_pairs, tmp_path / "run", eval_steps=15), log=lambda *a: None)
     results = json.loads((out / "train_results.json").read_text())
+    assert [h["step"] for h in results["recall_history"]] == [15, 30]  # during training, the last one is final
     meta = json.loads((out / "vlmtune.json").read_text())
     assert meta["method"] == "contrastive" and meta["family"] == family
     assert sorted(p.name for p in out.iterdir()) == meta["files"]

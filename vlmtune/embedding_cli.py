@@ -7,9 +7,13 @@ import json
 
 
 def cmd_contrastive_train(args) -> int:
+    import os
+
     from .contrastive.train import train_contrastive
 
     out = train_contrastive(args.recipe, overrides=list(args.overrides), overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: the first process reports
+        return 0
     results = json.loads((out / "train_results.json").read_text())
     before, after = results.get("recall_before") or {}, results.get("recall") or {}
     if after:

@@ -103,6 +103,7 @@ def build_run(cr: ContrastiveRecipe, work: Path, log=print) -> ContrastiveRun:
     trainer = ContrastiveTrainer(
         model=DualEncoderLoss(peft_model.train(), family, loss, cr.contrastive.gather),
         args=_training_args(cr, work, bool(eval_pairs)), train_dataset=dataset,
+        eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,  # the Trainer asks; evaluate() reads eval_pairs
         data_collator=PairCollator(processor, family), callbacks=[EpochCaptions(dataset)],
         eval_pairs=eval_pairs, processor=processor, eval_batch_size=batch,
     )  # fmt: skip
@@ -121,14 +122,17 @@ def train_contrastive(recipe, overrides: dict | list[str] | None = None, overwri
     try:
         run = build_run(cr, work, log)
         result = run.trainer.train()
-        after = run.trainer.evaluate() if run.eval_pairs else {}
+        history = run.trainer.recall_history
+        if run.eval_pairs and not (history and history[-1]["step"] == result.global_step):
+            run.trainer.evaluate()  # the last step, unless train.eval_steps just did
+        after = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
         if run.trainer.is_world_process_zero():
             results = {"train_loss": result.training_loss, "global_step": result.global_step, "loss": run.loss,
                        "recall_before": run.recall_before,
-                       "recall": {k.removeprefix("eval_"): v for k, v in after.items()},
-                       "recall_history": run.trainer.recall_history, "trainable": trainable_names(run.peft_model)}
+                       "recall": after, "recall_history": history, "trainable": trainable_names(run.peft_model)}
             _write_outputs(work, out, run, results)
             log(f"wrote {out}")
+        run.trainer.accelerator.wait_for_everyone()  # every process returns once the folder is in place
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
