@@ -16,6 +16,7 @@ from vlmtune.data.formatting import IGNORE_INDEX, Formatter
 from vlmtune.data.preference import PreparedPairs, prepare_pairs
 
 from .conftest import FAMILIES, write_jsonl
+from .test_formatting import end_token, shown_reply, supervised_runs
 
 QUESTION = "What colour is the square?"
 # replies that start differently (a word, a digit, punctuation), so a merge across the prompt's end would show
@@ -57,8 +58,8 @@ def test_every_family_formats_one_prompt_and_labels_only_each_reply(name, square
     path = write_jsonl(square / f"{name}.jsonl", [trl_row("red.png", c, r) for c, r in PAIRS])
     data = prepared(path, name, processor_for)
     assert not data.problems and len(data.pairs) == len(PAIRS)
-    family, tokenizer = families.get(name), processor_for(name).tokenizer
-    ends = {e for e in (*family.end_of_turn, tokenizer.eos_token) if e}
+    family, processor = families.get(name), processor_for(name)
+    tokenizer = processor.tokenizer
     for pair, texts in zip(data.pairs, PAIRS, strict=True):
         n = pair.prompt_length
         assert pair.chosen.input_ids[:n] == pair.rejected.input_ids[:n]  # one prompt, token for token
@@ -66,8 +67,9 @@ def test_every_family_formats_one_prompt_and_labels_only_each_reply(name, square
         for example, text in zip((pair.chosen, pair.rejected), texts, strict=True):
             supervised = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
             assert supervised == list(range(n, supervised[-1] + 1))  # one run, right after the prompt
-            decoded = reply_text(tokenizer, example).strip()
-            assert decoded.startswith(text) and decoded[len(text):].strip() in ends, (decoded, text)
+            # exactly the reply (as SFT's conformance tests show it) and its end-of-turn token
+            assert supervised_runs(tokenizer, example.input_ids, example.labels) == [
+                shown_reply(processor, text) + end_token(family, tokenizer)]
             (start, end, kind), = example.media  # the image: whole, in the prompt, never a label
             assert kind == "image" and end <= n and end - start == example.media_tokens("image") > 0
             assert all(example.labels[i] == IGNORE_INDEX for i in range(start, end))
@@ -225,6 +227,10 @@ def test_inspect_shows_the_prompt_once_and_both_replies_highlighted():
     assert sample.to_json()["chosen"]["input_ids"][:sample.pair.prompt_length] == \
         sample.to_json()["rejected"]["input_ids"][:sample.pair.prompt_length]
     assert "background:#c8f7c5" in result._repr_html_() and "background:#f7c5c5" in result._repr_html_()
+    short = template_recipe("preference-example.jsonl", "preference")
+    short.data.max_length = 64  # the prompt and either reply: 67 tokens
+    text = str(inspect_recipe(short, index=3))
+    assert "DROPPED: prompt + the longer reply" in text and "--- rejected:\n[[The square is blue." in text
     sft = inspect_recipe(template_recipe("vqa-example.jsonl", "vqa"), num=1)
     assert type(sft).__name__ == "Inspection" and "[[" in str(sft)  # the SFT view for SFT data
 

@@ -173,7 +173,8 @@ def _pair(index: int, item: ConversationPair, formatter: Formatter, family: Fami
     if too_long:
         side = max(too_long, key=lambda s: len(examples[s].input_ids))
         problem = _problem_at(item.source, f"prompt + the longer reply ({side}): {sides[side].problem.message}")
-        return PairResult(index, problem=problem, dropped=on_overlong != "error", shrink_bound=shrink_bound)
+        return PairResult(index, PreferencePair(examples["chosen"], examples["rejected"], item.source), problem,
+                          dropped=on_overlong != "error", shrink_bound=shrink_bound)
     chosen, rejected = examples["chosen"], examples["rejected"]
     n = prompt_length(chosen)
     if (prompt_length(rejected) != n or chosen.input_ids[:n] != rejected.input_ids[:n] or chosen.media != rejected.media
