@@ -11,6 +11,7 @@ from . import __version__
 from .config import RecipeError, load_recipe
 from .data.formats import FORMATS
 from .errors import FieldError, VlmtuneError
+from .hygiene import cli as hygiene_cli
 
 
 def _recipe(args):
@@ -65,9 +66,12 @@ def cmd_sft(args) -> int:
 def cmd_validate(args) -> int:
     from .validation import validate
 
-    report = validate(_recipe(args), decode_images=args.decode)
+    recipe = _recipe(args)
+    report = validate(recipe, decode_images=args.decode)
     print(f"recipe OK: {args.recipe} (family {report.family})")
     print(report.render())
+    if hygiene_cli.wanted(args):
+        hygiene_cli.run(args, recipe)
     return 0 if report.ok else 2
 
 
@@ -203,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "validate":
             p.add_argument("--decode", action="store_true",
                            help="decode every image in full (slower): also finds truncated or corrupt pixel data")
+            hygiene_cli.add_arguments(p)
         if name == "inspect":
             p.add_argument("--num", type=int, default=3, help="how many samples (default 3)")
             p.add_argument("--index", type=int, default=None, help="show only the sample at this 0-based row index")

@@ -59,6 +59,7 @@ BOUNDS = {  # every int and float field of the schema: tests/test_config.py fail
     "data.video_min_pixels": PATCH, "data.video_max_pixels": PATCH, "data.num_workers": NON_NEGATIVE,
     "data.max_image_pixels": Bound(1, 178_956_970, meaning="Pillow refuses larger images"), "data.max_bad_samples": Bound(0, meaning="0 stops on the first bad sample"),
     "data.max_row_bytes": COUNT,
+    "data.near_duplicate_distance": Bound(0, 32, meaning="bits of the 64-bit perceptual hash"),
     "data.prefetch_factor": COUNT,
     "train.num_train_epochs": NON_NEGATIVE,
     "train.max_steps": Bound(1, also=(-1,), meaning="-1 trains for num_train_epochs"),

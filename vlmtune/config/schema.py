@@ -72,6 +72,9 @@ class DataConfig:
     # family, code and library versions (data/prepared_cache.py): a second run, validate, inspect and every rank
     # but 0 start from it; on by default (a changed input misses it; an unwritable cache is no error)
     cache: bool = True
+    # `vlmtune validate --near-duplicates`: images whose perceptual hashes are at most this many bits apart (of 64)
+    # are near-duplicates (vlmtune/hygiene/); None: --hash-distance, else 8
+    near_duplicate_distance: int | None = None
 
 
 @dataclass
