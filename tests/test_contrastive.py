@@ -178,3 +178,24 @@ def test_recipe_errors_name_each_field(tmp_path):
     text = str(e.value)
     for field in ("model.family", "lora.towers", "data.format", "contrastive.loss"):
         assert field in text
+
+
+@pytest.mark.slow
+def test_qlora_trains_lora_over_4bit_towers(shapes_pairs, tmp_path):
+    """quantization.mode 4bit: the towers' linear layers load as bitsandbytes Linear4bit (the projections stay
+    full), a few steps lower the loss, and only LoRA, projections and logit_scale train."""
+    import bitsandbytes as bnb
+
+    from vlmtune.contrastive.train import build_run
+
+    cr = _recipe("clip", shapes_pairs, tmp_path / "run", max_steps=6, logging_steps=1)
+    cr.recipe.quantization.mode = "4bit"
+    run = build_run(cr, tmp_path / "work", log=lambda *a: None)
+    base = run.peft_model.get_base_model()
+    assert isinstance(base.vision_model.encoder.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert not isinstance(base.visual_projection.original_module, bnb.nn.Linear4bit)
+    names = [n for n, p in run.peft_model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "projection" in n or n.endswith("logit_scale") for n in names)
+    run.trainer.train()
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    assert len(losses) == 6 and np.isfinite(losses).all() and np.mean(losses[-2:]) < np.mean(losses[:2])

@@ -110,9 +110,9 @@ def _shared_field_errors(recipe: Recipe) -> list[FieldError]:
     if recipe.data.format != "caption":
         errs.append(FieldError("data.format", "must be caption for method contrastive (image-caption rows; "
                                f"data.columns maps image and caption to your columns), got {recipe.data.format!r}"))
-    if recipe.quantization.mode != "none":
-        errs.append(FieldError("quantization.mode", "4-bit/8-bit dual encoders are not supported yet for method "
-                               "contrastive; set none (CLIP/SigLIP at base size train in full precision on one GPU)"))
+    if recipe.quantization.mode == "8bit":
+        errs.append(FieldError("quantization.mode", "8bit is not supported for method contrastive; use 4bit "
+                               "(QLoRA) or none"))
     if recipe.train.packing:
         errs.append(FieldError("train.packing", "does not apply to method contrastive (no token sequences); remove it"))
     if recipe.distributed.deepspeed != "none":

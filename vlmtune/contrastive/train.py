@@ -19,6 +19,7 @@ import torch
 from ..embedding import registry, tiny
 from ..embedding.load import TEMPERATURE_FILE, load_base, model_type_of
 from ..errors import VlmtuneError
+from ..modeling import prepare_quantized
 from ..run_metadata import METADATA_FILE, write_metadata
 from .model import DualEncoderLoss, attach_lora, temperature_state, trainable_names
 from .pairs import PairDataset, read_pairs
@@ -91,7 +92,12 @@ def build_run(cr: ContrastiveRecipe, work: Path, log=print) -> ContrastiveRun:
     loss = cr.loss_for(family)
     train_pairs = read_pairs(r.data.train, r.data)
     eval_pairs = read_pairs(r.data.eval, r.data) if r.data.eval else []
-    model, processor, _ = load_base(r.model.name_or_path)
+    quantized = r.quantization.mode != "none"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() and not r.train.use_cpu else "cpu"
+    model, processor, _ = load_base(r.model.name_or_path, device=device if quantized else None,
+                                    quantization=r.quantization if quantized else None)
+    if quantized:
+        prepare_quantized(model, gradient_checkpointing=False)
     transformers.set_seed(r.train.seed)  # the LoRA init, as the Trainer seeds the rest
     peft_model = attach_lora(model, family, r.lora, cr.towers)
     log(f"contrastive LoRA on {r.model.name_or_path} ({family.name}, loss {loss}, towers {cr.towers}): "

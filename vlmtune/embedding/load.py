@@ -26,15 +26,26 @@ def model_type_of(name_or_path: str) -> str:
         raise VlmtuneError(f"cannot read the model config of {name_or_path}: {e}") from None
 
 
-def load_base(name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """(model, processor, family) of a full model, in eval mode."""
+def load_base(name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None,
+              quantization=None):
+    """(model, processor, family) of a full model, in eval mode; `quantization`: a recipe's quantization section
+    (4-bit: the towers' linear layers, the projections kept in full precision)."""
     from transformers import AutoProcessor
+
+    from ..modeling import _disable_cpu_4bit_repacking, quantization_config
 
     family = registry.for_model_type(model_type_of(name_or_path), where=str(name_or_path))
     path = tiny.resolve(name_or_path)
-    model = family.load_class().from_pretrained(path, dtype=dtype or torch.float32)
+    quant = quantization_config(quantization, family) if quantization is not None else None
+    if quant is None:
+        model = family.load_class().from_pretrained(path, dtype=dtype or torch.float32).to(device or "cpu")
+    else:
+        model = family.load_class().from_pretrained(path, dtype=dtype or torch.float32, quantization_config=quant,
+                                                    device_map={"": device or "cpu"})
+        if (device or "cpu") == "cpu":
+            _disable_cpu_4bit_repacking(model)
     processor = AutoProcessor.from_pretrained(path)
-    return model.to(device or "cpu").eval(), processor, family
+    return model.eval(), processor, family
 
 
 def adapter_base(adapter_dir: Path) -> str:

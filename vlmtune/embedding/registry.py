@@ -46,6 +46,12 @@ class EmbeddingFamily:
         prefixes = [self.towers[t] for t in self.trained_towers(towers)]
         return rf"^({'|'.join(prefixes)})\.{self.layer_targets}$"
 
+    @property
+    def skip_quantization(self) -> tuple[str, ...]:
+        """Modules kept out of 4-bit: the projections (trained in full; SigLIP's vision head holds an
+        nn.MultiheadAttention, whose out_proj weight must stay a plain Linear's)."""
+        return tuple(self.projections.values())
+
     def trained_towers(self, towers: str) -> tuple[str, ...]:
         if towers not in TOWERS:
             raise VlmtuneError(f"lora.towers: {towers!r} is not one of {', '.join(TOWERS)}")

@@ -13,13 +13,13 @@ from .registry import EmbeddingFamily
 
 
 def build_tiny_siglip():
-    """A tiny random SigLIP: 2-layer towers of width 32, 32-px images in 8-px patches, texts padded to 16 tokens."""
+    """A tiny random SigLIP: 2-layer towers of width 64, 32-px images in 8-px patches, texts padded to 16 tokens."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     from .tiny_tokenizer import build_tiny_clip_tokenizer
 
     tok = build_tiny_clip_tokenizer(model_max_length=16)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
     config = SiglipConfig(
         text_config=dict(tower, vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
