@@ -27,14 +27,14 @@ def run(tmp_path_factory):
     """8 steps, an evaluation and a checkpoint every 2, real generation metrics on 4 eval rows, with the exact
     match replaced by a script (so the best step is known) and save_total_limit 2 (the best must survive it)."""
     folder = tmp_path_factory.mktemp("train-eval")
-    data = write_train_data(folder, 16)
+    data = write_train_data(folder)
     eval_file = folder / "eval.jsonl"
     eval_file.write_text("\n".join((SHAPES / "eval.jsonl").read_text().splitlines()[:8]) + "\n")
     recipe = recipe_at(folder / "out", data, **{
         "data.eval": str(eval_file), "train.max_steps": 8, "train.eval_steps": 2, "train.save_steps": 2,
         "train.eval_metrics": ["exact_match", "token_f1"], "train.eval_generate_samples": 4,
         "train.eval_max_new_tokens": 8, "train.per_device_eval_batch_size": 4, "train.learning_rate": 2e-2,
-        "train.best_metric": "eval_exact_match", "train.save_total_limit": 2})
+        "train.best_metric": "eval_exact_match", "train.save_total_limit": 2, "train.cache_vision_features": False})
     real_scores, real_replies = eval_during_training.generation_scores, eval_during_training.replies
     calls = []
 
