@@ -163,7 +163,8 @@ def _write_outputs(work: Path, out: Path, run: ContrastiveRun, results: dict) ->
     r = cr.recipe
     meta = {"method": "contrastive", "family": family.name, "base_model": r.model.name_or_path,
             "base_path": tiny.resolve(r.model.name_or_path), "loss": results["loss"], "towers": cr.towers,
-            "lora": {"r": r.lora.r, "alpha": r.lora.alpha}, "recall_before": results["recall_before"],
+            "lora": {"r": r.lora.r, "alpha": r.lora.alpha}, "quantization": r.quantization.mode,
+            "recall_before": results["recall_before"],
             "recall": results["recall"], "files": sorted([*(p.name for p in work.iterdir()), METADATA_FILE])}
     write_metadata(work, meta)
     swap_in(work, out, out.parent / f".{out.name}.replaced")
