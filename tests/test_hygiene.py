@@ -150,7 +150,7 @@ def test_validate_near_duplicates_reports_rows_and_writes_a_clean_copy(pictures,
     recipe = _recipe(tmp_path, str(data), near_duplicate_distance=6)
     assert main(["validate", recipe, "--near-duplicates", "--write-clean", str(tmp_path / "clean.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "Hamming distance <= 6 of 64" in out and "2 groups of near-duplicates, 1 duplicate samples" in out
+    assert "Hamming distance <= 6 of 64" in out and "2 groups of near-duplicates, 1 duplicate sample" in out
     assert f"train.jsonl:7: {copies[(1, 'crop')]} (copy)" in out and f"train.jsonl:2: {originals[1]}" in out
     assert "duplicate sample: " in out and "train.jsonl:7 repeats " in out
     assert "7 of 8 rows" in out and "1 dropped: 1 duplicate sample" in out
@@ -168,7 +168,7 @@ def test_validate_near_duplicates_reports_rows_and_writes_a_clean_copy(pictures,
     assert data.read_bytes() == before
 
 
-@pytest.mark.parametrize("container", ["json", "parquet"])
+@pytest.mark.parametrize("container", ["json", "parquet", "dataset"])
 def test_write_clean_keeps_the_input_container(pictures, tmp_path, container):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -180,13 +180,22 @@ def test_write_clean_keeps_the_input_container(pictures, tmp_path, container):
     data = tmp_path / f"train.{container}"
     if container == "json":
         data.write_text(json.dumps(rows, indent=1))
-    else:
+    elif container == "parquet":
         pq.write_table(pa.Table.from_pylist(rows), data)
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(data))
     report = hygiene.check(_recipe(tmp_path, str(data), format="vqa"), progress=False)
     result = report.write_clean(tmp_path / f"clean.{container}")
     assert result.dropped == 1 and result.reasons == {"duplicate sample": 1}
-    got = json.loads((tmp_path / "clean.json").read_text()) if container == "json" else \
-        pq.read_table(tmp_path / "clean.parquet").to_pylist()
+    if container == "dataset":
+        import datasets
+
+        got = datasets.load_from_disk(str(tmp_path / "clean.dataset")).to_list()
+    else:
+        got = json.loads((tmp_path / "clean.json").read_text()) if container == "json" else \
+            pq.read_table(tmp_path / "clean.parquet").to_pylist()
     assert got == rows[:2]
     with pytest.raises(VlmtuneError, match="name it \\*.parquet" if container == "parquet" else "already exists"):
         report.write_clean(tmp_path / ("clean.jsonl" if container == "parquet" else f"clean.{container}"))

@@ -114,7 +114,7 @@ def test_validate_clip_score_prints_the_distribution_and_writes_the_rest(aligned
     assert code == 0, out
     assert "24 rows scored" in out and "median" in out and "<- threshold" in out
     assert "4 rows below" in out and all(f"train.jsonl:{n}:" in out for n in swapped)
-    assert "20 of 24 rows" in out and "4 dropped: 4 low CLIP score" in out
+    assert "20 of 24 rows" in out and "4 dropped: 4 low CLIP scores" in out
     lines = data.read_text().splitlines()
     assert clean.read_text().splitlines() == [line for n, line in enumerate(lines, start=1) if n not in swapped]
     assert main(["validate", str(recipe), "--clip-score", str(aligned_clip), "--clip-threshold", "2"]) == 0

@@ -44,7 +44,7 @@ class ClipScores:
         for i, c in enumerate(counts):
             mark = " <- threshold" if edges[i] <= self.threshold < edges[i + 1] else ""
             bar = "#" * int(round(width * c / top)) if c else ""
-            lines.append(f"  [{edges[i]:+.3f}, {edges[i + 1]:+.3f}) {c:6d} {bar}{mark}")
+            lines.append(f"  [{edges[i]:+.3f}, {edges[i + 1]:+.3f}) {c:6d} {bar}{mark}".rstrip())
         return lines
 
 

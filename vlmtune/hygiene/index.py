@@ -44,4 +44,4 @@ def close_pairs(bits: np.ndarray, distance: int, method: str = "auto") -> list[t
     limits, dist, found = index.range_search(bits, distance + 1)  # faiss keeps distances < radius
     rows = np.repeat(np.arange(n), np.diff(limits.astype(np.int64)))
     keep = found > rows
-    return list(zip(rows[keep].tolist(), found[keep].tolist(), dist[keep].tolist(), strict=True))
+    return list(zip(rows[keep].tolist(), found[keep].tolist(), dist[keep].astype(np.int64).tolist(), strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,12 @@ class CleanResult:
     reasons: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
-        why = "; ".join(f"{n} {reason}" for reason, n in self.reasons.most_common()) or "nothing was flagged"
-        return f"wrote {self.out}: {self.rows - self.dropped} of {self.rows} rows of {self.source} ({self.dropped} " \
-               f"dropped: {why})"
+        why = "; ".join(_n(n, reason) for reason, n in self.reasons.most_common()) or "nothing was flagged"
+        moved = "" if self.out.resolve().parent == self.source.resolve().parent else \
+            f"; relative image paths in it resolve against {_short(str(self.out.parent))}: keep it beside the input " \
+            "or set data.image_root"
+        return f"wrote {_short(str(self.out))}: {self.rows - self.dropped} of {self.rows} rows of " \
+               f"{_short(str(self.source))} ({self.dropped} dropped: {why}){moved}"
 
 
 @dataclass
@@ -70,18 +74,18 @@ class HygieneReport:
         flagged = self.flagged()
         if flagged:
             per_split = Counter(r.split for r in flagged)
-            lines.append("flagged for --write-clean: " + ", ".join(f"{n} {s} rows" for s, n in per_split.items()))
+            lines.append("flagged for --write-clean: " + ", ".join(_n(n, f"{s} row") for s, n in per_split.items()))
         return "\n".join(lines)
 
 
 def _near_lines(near: NearDuplicates, limit: int) -> list[str]:
-    lines = [f"near-duplicate images (pHash, Hamming distance <= {near.distance} of 64): {near.images} images, "
-             f"{len(near.groups)} groups of near-duplicates, {len(near.duplicates)} duplicate samples"]
+    lines = [f"near-duplicate images (pHash, Hamming distance <= {near.distance} of 64): {_n(near.images, 'image')}, "
+             f"{_n(len(near.groups), 'group')} of near-duplicates, {_n(len(near.duplicates), 'duplicate sample')}"]
     for n, group in enumerate(near.groups[:limit], start=1):
         lines.append(f"  group {n}: {len(group.images)} images, up to {group.max_distance} bits apart")
         for row, image in group.shown[:limit]:
             mark = "" if image == group.images[0] else " (copy)"
-            lines.append(f"    {row.where}: {image}{mark}")
+            lines.append(f"    {_short(row.where)}: {_short(image)}{mark}")
         if len(group.shown) > limit:
             lines.append(f"    ... and {len(group.shown) - limit} more rows")
     if len(near.groups) > limit:
@@ -90,8 +94,8 @@ def _near_lines(near: NearDuplicates, limit: int) -> list[str]:
     if leaks:
         lines.append(f"  {len(leaks)} groups hold both train and eval rows: those eval rows test on training images")
     for dup in near.duplicates[:limit]:
-        lines.append(f"  duplicate sample: {dup.row.where} repeats {dup.original.where} (same images up to "
-                     "near-duplicates, same text)")
+        lines.append(f"  duplicate sample: {_short(dup.row.where)} repeats {_short(dup.original.where)} (same images "
+                     "up to near-duplicates, same text)")
     if len(near.duplicates) > limit:
         lines.append(f"  ... and {len(near.duplicates) - limit} more duplicate samples")
     for path, why in list(near.unhashed.items())[:limit]:
@@ -110,10 +114,22 @@ def _clip_lines(clip: ClipScores, limit: int) -> list[str]:
     lines.append(f"  {len(below)} rows below {clip.threshold:+.3f} ({clip.rule}):")
     for row, score in below[:limit]:
         text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-        lines.append(f"    {row.where}: {score:+.3f} {text!r}")
+        lines.append(f"    {_short(row.where)}: {score:+.3f} {text!r}")
     if len(below) > limit:
         lines.append(f"    ... and {len(below) - limit} more")
     return lines
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _short(path: str) -> str:
+    """A path under the working folder relative to it (reports stay readable), any other path as it is."""
+    try:
+        return os.path.relpath(path) if os.path.abspath(path).startswith(os.getcwd() + os.sep) else path
+    except ValueError:
+        return path
 
 
 def _qname(q: float) -> str:
