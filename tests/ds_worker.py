@@ -63,14 +63,14 @@ def install_probes(probe_dir: Path) -> None:
     training.keep_vision_in_step = keep
 
     if os.environ.get("VLMTUNE_PROBE_SEQUENTIAL") == "1":
-        original_config = training.sft_config
+        original_config = training.method_args
 
-        def sft_config(*args, **kwargs):
+        def method_args(*args, **kwargs):
             config = original_config(*args, **kwargs)
             config.train_sampling_strategy = "sequential"
             return config
 
-        training.sft_config = sft_config
+        training.method_args = method_args
 
     original_gather = training.gathered_adapter_state
 

@@ -252,3 +252,18 @@ def test_demo_pairs_are_the_shipped_ones_and_differ_in_one_fact(tmp_path):
     for row in rows:
         diff = set(row["chosen"].split()) ^ set(row["rejected"].split())
         assert row["chosen"] != row["rejected"] and 1 <= len(diff) <= 6  # "There is 1 shape." / "There are 2 shapes."
+
+
+@pytest.mark.slow
+def test_train_runs_the_dpo_recipe_end_to_end(tmp_path):
+    rows = (SHAPES / "preference-train.jsonl").read_text().splitlines()[:8]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = vlmtune.load_recipe(ROOT / "recipes" / "tiny-dpo.yaml", overrides={
+        "data.train": str(data), "data.eval": None, "output_dir": str(tmp_path / "run"), "train.max_steps": 2,
+        "train.per_device_train_batch_size": 4, "data.num_workers": 0, "train.report_to": ["none"]})
+    result = vlmtune.train(recipe, log=lambda *_: None)
+    meta = json.loads((result.output_dir / "vlmtune.json").read_text())
+    results = json.loads((result.output_dir / "train_results.json").read_text())
+    assert meta["method"] == "dpo" and result.metrics["global_step"] == 2
+    assert results["train_examples"] == 8 and results["train_supervised_tokens_per_epoch"] > 0
+    assert (result.output_dir / "adapter_model.safetensors").is_file()

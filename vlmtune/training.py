@@ -14,9 +14,6 @@ import torch
 
 from . import __version__, best_checkpoint, curves, eval_during_training, memory_probe
 from .config import Recipe, dump
-from .data.collator import collator_for
-from .data.dataset import to_dataset
-from .data.packing import pack_dataset, packing_collator_for
 from .distributed.launch import is_main_process
 from .distributed.process import (
     apply_liger_kernels,
@@ -34,6 +31,7 @@ from .modeling import attach_lora, format_report, load_base_model, pixel_bounds,
 from .preflight import Plan, plan_run
 from .run_folder import RESULTS_FILE, STAGING_PREFIX
 from .run_metadata import remove_metadata, write_metadata
+from .vision_cache_prepass import VisionCache, VisionCalls
 from .vision_cache_prepass import setup as vision_cache_setup
 
 
@@ -60,12 +58,14 @@ def fixed_checkpointing(plan: Plan) -> memory_probe.Checkpointing | None:
                                      plan.zero_stage, plan.recipe.quantization.mode != "none")
 
 
-def sft_config(plan: Plan, checkpoint_dir: Path):
-    """The SFTTrainer's arguments for a plan (see trainer_args)."""
-    from trl import SFTConfig
+def method_args(plan: Plan, checkpoint_dir: Path):
+    """The TRL config of the plan's method (its own arguments on top of trainer_args')."""
+    from functools import partial
 
-    return trainer_args(plan, checkpoint_dir, SFTConfig, max_length=None,
-                        dataset_kwargs={"skip_prepare_dataset": True})
+    return method_for(plan.recipe.method).trainer_args(partial(trainer_args, plan, checkpoint_dir), plan.recipe)
+
+
+sft_config = method_args  # the name callers used when SFT was the only method
 
 
 def trainer_args(plan: Plan, checkpoint_dir: Path, config_cls, **extra):
@@ -126,33 +126,25 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict:
 
 
 def build_trainer(plan: Plan, checkpoint_dir: Path, log=print):
-    """The trainer of the recipe's method for a plan: base model, LoRA, vlmtune's dataset and collator."""
-    method = method_for(plan.recipe.method)
-    if method.builds_trainer:
-        return _method_trainer(plan, method, checkpoint_dir, log)
+    """The trainer of the recipe's method (vlmtune/methods/) for a plan: base model and LoRA (or the adapter it
+    starts from), the method's dataset, collator and TRL trainer, vlmtune's guards and atomic checkpoints."""
     recipe = plan.recipe
-    model, args, sizing, kernels, report = _policy(plan, lambda: sft_config(plan, checkpoint_dir), None, log)
-    vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)  # the pre-pass, if on
+    method = method_for(recipe.method)
+    model, args, sizing, kernels, report = _policy(plan, lambda: method_args(plan, checkpoint_dir),
+                                                   method.init_adapter(recipe), log)
+    if method.uses_vision_cache:
+        vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)  # the pre-pass, if on
+    else:
+        vision = VisionCache(False, f"not used by method {method.name}", VisionCalls(model, plan.family))
+        log(f"vision feature cache: off ({vision.reason})")
     pad_id, multiple = _padding(plan)
-    collator = collator_for(plan.family, pad_id, pad_to_multiple_of=multiple)
-    # mark_bad: a sample whose media fail to load mid-run is skipped and counted by the trainer's guards
-    train_ds = to_dataset(plan.train.examples, plan.family, plan.processor, plan.model_config, mark_bad=True,
-                          **vision.dataset_args("train"))
-    lengths = [len(e.input_ids) for e in plan.train.examples]
-    if recipe.train.packing:  # a batch is then per_device_train_batch_size packed rows; eval batches stay unpacked
-        train_ds = pack_dataset(train_ds, lengths, recipe.data.max_length, recipe.train.seed, log)
-        lengths = [sum(lengths[i] for i in b) for b in train_ds.bins]
-        collator = packing_collator_for(plan.family, pad_id, pad_to_multiple_of=multiple, unpacked=collator,
-                                        attention=plan.runtime.attn_implementation)
-    eval_ds = (to_dataset(plan.eval.examples, plan.family, plan.processor, plan.model_config, mark_bad=True,
-                          **vision.dataset_args("eval")) if plan.eval else None)
-    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                               eval_dataset=eval_ds, processing_class=plan.processor,
-                               lengths=lengths if recipe.train.group_by_length else None,
-                               max_bad_samples=recipe.data.max_bad_samples,
-                               max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log,
-                               loss_on_labels_only=recipe.train.loss_on_labels_only,
-                               generation_eval=eval_during_training.setup(plan))
+    collator = method.collator(plan, pad_id, multiple, plan.runtime.attn_implementation)
+    train_ds, eval_ds, lengths = method.datasets(plan, vision, log)
+    trainer = _trainer_class(method)(
+        model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=plan.processor, lengths=lengths if recipe.train.group_by_length else None,
+        max_bad_samples=recipe.data.max_bad_samples, max_nonfinite_steps=recipe.train.max_nonfinite_steps, log=log,
+        generation_eval=eval_during_training.setup(plan), **method.trainer_kwargs(plan, lengths))
     checkpointing = fixed_checkpointing(plan) or memory_probe.measure_for(
         trainer, train_ds, lengths, recipe.train.per_device_train_batch_size, plan.runtime.device, collator)
     log(checkpointing.line())
@@ -191,42 +183,6 @@ def _padding(plan: Plan) -> tuple[int, int | None]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # multiples of 8 keep GPU matmuls on tensor-core friendly shapes
     return pad_id, 8 if plan.runtime.device == "cuda" else None
-
-
-def _method_trainer(plan: Plan, method: Method, checkpoint_dir: Path, log):
-    """The trainer of a method that builds its own (methods/): its arguments, examples, collator and TRL trainer
-    around the shared policy model, guards and atomic checkpoints."""
-    from functools import partial
-
-    from .checkpoints import AtomicCheckpoints
-    from .guards import GuardedTrainer
-    from .token_count import TokenCount
-    from .vision_cache_prepass import VisionCache, VisionCalls
-
-    recipe = plan.recipe
-    make = partial(trainer_args, plan, checkpoint_dir)
-    model, args, sizing, kernels, report = _policy(plan, lambda: method.trainer_args(make, recipe),
-                                                   method.init_adapter(recipe), log)
-    if method.uses_vision_cache:
-        vision = vision_cache_setup(model, plan, report, args.dataloader_num_workers, log)
-    else:
-        vision = VisionCache(False, f"not used by method {method.name}", VisionCalls(model, plan.family))
-        log(f"vision feature cache: off ({vision.reason})")
-    pad_id, multiple = _padding(plan)
-    collator = method.collator(plan, pad_id, multiple, plan.runtime.attn_implementation)
-    train_ds, eval_ds, lengths = method.datasets(plan, vision, log)
-    cls = method.trainer_class((RunTrainer, TokenCount, GuardedTrainer, AtomicCheckpoints))
-    trainer = cls(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
-                  processing_class=plan.processor, lengths=lengths if recipe.train.group_by_length else None,
-                  max_bad_samples=recipe.data.max_bad_samples, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-                  log=log, **method.trainer_kwargs(plan, lengths))
-    checkpointing = fixed_checkpointing(plan) or memory_probe.measure_for(
-        trainer, train_ds, lengths, recipe.train.per_device_train_batch_size, plan.runtime.device, collator)
-    log(checkpointing.line())
-    trainer.fast_path = {"gradient_checkpointing": checkpointing.record(), "liger_kernel": kernels,
-                         "data_loading": sizing.note}
-    trainer.vision_cache = vision
-    return trainer, report
 
 
 def load_trainable_adapter(model, plan: Plan, folder: str, log):
@@ -276,21 +232,19 @@ class RunTrainer:
                                     lengths=self._lengths, generator=generator)
 
 
-def _trainer_class():
-    """vlmtune's SFTTrainer (RunTrainer: token count, loader threads, length-grouped batches)."""
-    from trl import SFTTrainer
-
+def _trainer_class(method: Method) -> type:
+    """The method's TRL trainer (its mixins, then the trainer: Method.trainer_bases) inside vlmtune's mixins:
+    token count, loader threads and length-grouped batches (RunTrainer), guards, atomic checkpoints, generation
+    metrics at each evaluation, TensorBoard logs in the run folder."""
     from .checkpoints import AtomicCheckpoints
     from .guards import GuardedTrainer
-    from .label_loss import LabelOnlyLoss
     from .reporting import LogsInRunFolder
     from .token_count import TokenCount
 
-    class VisionSFTTrainer(RunTrainer, TokenCount, GuardedTrainer, AtomicCheckpoints, LabelOnlyLoss,
-                           eval_during_training.GenerationMetrics, LogsInRunFolder, SFTTrainer):
-        pass
-
-    return VisionSFTTrainer
+    *own, trl_trainer = method.trainer_bases()
+    bases = (RunTrainer, TokenCount, GuardedTrainer, AtomicCheckpoints, *own,
+             eval_during_training.GenerationMetrics, LogsInRunFolder, trl_trainer)
+    return type(f"Vision{trl_trainer.__name__}", bases, {"__module__": __name__})
 
 
 def metadata(plan: Plan) -> dict:

@@ -1,4 +1,4 @@
-"""What a training method provides: its recipe section, how the plan's rows become its examples, its dataset and
+"""What a training method provides: its recipe section, how the plan's examples become its dataset rows, its
 collator, and its TRL trainer. The shared run around it (run folder, plan, model loading, quantization, LoRA,
 guards, atomic checkpoints and outputs) lives in vlmtune/training.py and knows no method by name.
 
@@ -18,7 +18,6 @@ class Method:
     name: str = ""
     section: type | None = None  # the dataclass of its recipe section (the recipe field named like the method)
     uses_vision_cache: bool = True  # whether train.cache_vision_features applies to its batches
-    builds_trainer: bool = True  # False: training.build_trainer's built-in SFT path
 
     def settings(self, recipe):
         """The recipe's section of this method (None for a method without one)."""
@@ -45,8 +44,8 @@ class Method:
         (training.trainer_args)."""
         raise NotImplementedError
 
-    def trainer_class(self, shared: tuple[type, ...]) -> type:
-        """Its TRL trainer with the shared run's mixins (`shared`, first in the bases) mixed in."""
+    def trainer_bases(self) -> tuple[type, ...]:
+        """Its own trainer mixins, then its TRL trainer class (last); training.py puts the shared mixins around."""
         raise NotImplementedError
 
     def trainer_kwargs(self, plan, lengths: list[int]) -> dict:

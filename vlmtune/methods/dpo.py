@@ -60,6 +60,9 @@ class DPO(Method):
         if recipe.train.packing:
             errs.append(FieldError("train.packing", "is not supported with method dpo (each pair is one row of its "
                                    "own); set it to false"))
+        if recipe.train.eval_metrics:
+            errs.append(FieldError("train.eval_metrics", "is not supported with method dpo (eval rows are pairs; "
+                                   "its eval logs rewards/accuracies and margins); leave it empty"))
         if str(recipe.train.cache_vision_features).lower() == "true":
             errs.append(FieldError("train.cache_vision_features", "is not supported with method dpo yet; set it to "
                                    "auto or false"))
@@ -92,21 +95,10 @@ class DPO(Method):
             losses, weights = [s.loss_type, "sft"], [1.0, s.sft_weight]
         return make(TRLConfig, beta=s.beta, loss_type=losses, loss_weights=weights, max_length=None)
 
-    def trainer_class(self, shared):
+    def trainer_bases(self):
         from trl import DPOTrainer
 
-        class VisionDPOTrainer(*shared, DPOTrainer):
-            """DPOTrainer on vlmtune's pair rows: formatted and collated by vlmtune, never tokenized again."""
-
-            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-                return dataset
-
-            def compute_loss(self, *args, **kwargs):
-                with warnings.catch_warnings():  # TRL's reference pass asks for a name transformers 5 deprecates
-                    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-                    return super().compute_loss(*args, **kwargs)
-
-        return VisionDPOTrainer
+        return PairRows, DPOTrainer
 
     def size(self, prepared) -> int:
         return len(prepared.pairs)
@@ -137,3 +129,15 @@ def trl_loss_types() -> tuple[str, ...]:
                 if found:
                     return tuple(dict.fromkeys(found))
     return ()
+
+
+class PairRows:
+    """DPOTrainer mixin: vlmtune's pair rows are formatted and collated by vlmtune, never tokenized again."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    def compute_loss(self, *args, **kwargs):
+        with warnings.catch_warnings():  # TRL's reference pass asks for a name transformers 5 deprecates
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return super().compute_loss(*args, **kwargs)
