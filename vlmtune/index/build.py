@@ -38,6 +38,12 @@ def faiss_index(vectors: np.ndarray, kind: str = "flat", nlist: int | None = Non
     return index
 
 
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _identity(model: str, paths: list[str], kind: str) -> dict:
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     return {"model": model, "paths_sha256": digest, "kind": kind}
@@ -55,8 +61,9 @@ def build_index(model: str, images, out, kind: str = "flat", batch_size: int = 6
     if kind not in store.KINDS:
         raise VlmtuneError(f"--kind {kind!r}: one of {', '.join(store.KINDS)}")
     out = Path(out)
+    model = str(Path(model).absolute()) if Path(model).exists() else str(model)  # a folder: wherever it is run
     paths = image_paths(images, fmt, image_root)
-    identity = _identity(str(model), paths, kind)
+    identity = _identity(model, paths, kind)
     if (out / store.MANIFEST).is_file():
         old = store.read_manifest(out)
         same = {k: old.get(k) for k in identity} == identity and old.get("chunk") == chunk
@@ -71,7 +78,7 @@ def build_index(model: str, images, out, kind: str = "flat", batch_size: int = 6
     (out / store.PARTS).mkdir(parents=True, exist_ok=True)
     total = (len(paths) + chunk - 1) // chunk
     done = set(store.done_parts(out, total, chunk, len(paths)))
-    model_obj, processor, family = load_embedding_model(model)
+    model_obj, processor, family = load_embedding_model(model, device=default_device())
     manifest = {**identity, "family": family.name, "count": len(paths), "chunk": chunk, "dim": None,
                 "complete": False, "source": str(Path(images).absolute())}
     if not (out / store.PATHS).is_file():

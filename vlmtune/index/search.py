@@ -24,8 +24,9 @@ class ImageIndex:
         """(model, processor, family) of the index's model, loaded on first use."""
         if self._model is None:
             from ..embedding import load_embedding_model
+            from .build import default_device
 
-            self._model = load_embedding_model(self.manifest["model"])
+            self._model = load_embedding_model(self.manifest["model"], device=default_device())
         return self._model
 
     def search_vectors(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
