@@ -160,7 +160,7 @@ def test_interrupted_save_leaves_no_half_written_adapter(small_data, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         vlmtune.train(recipe, log=lambda *_: None)
     out = Path(recipe.output_dir)
-    leftovers = sorted(p.name for p in out.iterdir() if p.name != "checkpoints")
+    leftovers = sorted(p.name for p in out.iterdir() if p.name not in ("checkpoints", "logs"))
     assert leftovers == [], leftovers
 
 
