@@ -174,9 +174,10 @@ def test_recipe_errors_name_each_field(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_contrastive_recipe(raw={"model": {"name_or_path": "builtin:tiny-clip", "family": "qwen2_vl"},
                                      "lora": {"towers": "all"}, "data": {"train": "x", "format": "messages"},
+                                     "train": {"resume_from_checkpoint": "latest"},
                                      "contrastive": {"loss": "triplet"}}, check_paths=False)
     text = str(e.value)
-    for field in ("model.family", "lora.towers", "data.format", "contrastive.loss"):
+    for field in ("model.family", "lora.towers", "data.format", "contrastive.loss", "train.resume_from_checkpoint"):
         assert field in text
 
 

@@ -115,6 +115,9 @@ def _shared_field_errors(recipe: Recipe) -> list[FieldError]:
                                "(QLoRA) or none"))
     if recipe.train.packing:
         errs.append(FieldError("train.packing", "does not apply to method contrastive (no token sequences); remove it"))
+    if recipe.train.resume_from_checkpoint:
+        errs.append(FieldError("train.resume_from_checkpoint", "method contrastive writes no checkpoints yet (a run "
+                               "is minutes at base size): remove it and rerun"))
     if recipe.distributed.deepspeed != "none":
         errs.append(FieldError("distributed.deepspeed", "is not wired for method contrastive yet: use several "
                                "processes without DeepSpeed (torchrun; the negatives are gathered across them)"))
