@@ -218,3 +218,26 @@ def test_the_best_checkpoint_is_recorded_by_its_published_path(tmp_path):
     state.best_global_step, state.best_model_checkpoint = 2, "/elsewhere/checkpoint-2"  # a moved run (--overwrite)
     assert published(state, run_dir, run_dir / "checkpoint-6")
     assert state.best_model_checkpoint == str(run_dir / "checkpoint-2")
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_of_its_earlier_steps(run, tmp_path, monkeypatch):
+    """Continued to step 12 from a copy of the finished run (its recorded best path is the original's), with worse
+    scores at 10 and 12: the adapter written is still checkpoint-4's, and the copy's own checkpoint-4 is named."""
+    from .run_fixtures import copy_run
+
+    result, _, _ = run
+    out = copy_run(result.output_dir, tmp_path)
+    later = iter([0.3, 0.4])
+    monkeypatch.setattr(eval_during_training, "generation_scores",
+                        lambda g, model: {"exact_match": next(later), "token_f1": 0.0})
+    again = vlmtune.load_recipe(out / "recipe.yaml", overrides={  # the resolved recipe the run saved
+        "output_dir": str(out), "train.max_steps": 12, "train.resume_from_checkpoint": "latest"})
+    vlmtune.train(again, log=lambda *a: None)
+    assert json.loads((out / "train_results.json").read_text())["best_checkpoint"]["step"] == 4
+    final = load_file(out / "adapter_model.safetensors")
+    kept = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+    state = json.loads((out / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(out / "checkpoints" / "checkpoint-4")
+    assert len(list((out / reporting.LOGS).iterdir())) == 2  # each start logs apart
+
