@@ -75,7 +75,7 @@ def test_every_data_field_but_the_loading_ones_is_in_the_key(tmp_path):
         assert _key(recipe, data) != before, f.name
     # the fields left out do not shape the examples: the split's path (its bytes are hashed), loading, the guard
     assert prepared_cache._UNUSED_FIELDS == {"train", "eval", "num_workers", "prefetch_factor", "max_bad_samples",
-                                             "cache"}
+                                             "cache", "near_duplicate_distance"}
     quiet = dataclasses.replace(recipe.data, num_workers=3, max_bad_samples=0, eval=str(tmp_path / "e.jsonl"))
     assert _key(recipe, quiet) == before
 

@@ -55,3 +55,17 @@ def test_tiny_tokenizer_round_trips(family, embedding_model):
 def test_a_vlm_folder_is_refused_by_name(model_dir):
     with pytest.raises(VlmtuneError, match="not a supported embedding model.*clip"):
         load_embedding_model(str(model_dir("qwen2_vl")))
+
+
+def test_tiny_clip_tokenizer_is_the_same_on_every_build():
+    """Two builds in fresh interpreters with different hash seeds give the same vocabulary and merges (the tiny
+    models' fixtures train to the same weights run after run)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from vlmtune.embedding.tiny_tokenizer import build_tiny_clip_tokenizer as b; import json; t = b(); "
+            "print(json.dumps([sorted(t.get_vocab().items()), t('a red square on the left')['input_ids']]))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(outs) == 1

@@ -34,8 +34,10 @@ from .video import VideoClip
 
 FORMAT = 2  # bump when the layout of an entry changes
 # data.* fields that do not change the examples: the split's path (its files are hashed instead), loading, the
-# mid-run guard, this switch itself. Every other field, a new one included, is part of the key.
-_UNUSED_FIELDS = frozenset({"train", "eval", "num_workers", "prefetch_factor", "max_bad_samples", "cache"})
+# mid-run guard, this switch itself, validate's near-duplicate distance. Every other field, a new one included,
+# is part of the key.
+_UNUSED_FIELDS = frozenset({"train", "eval", "num_workers", "prefetch_factor", "max_bad_samples", "cache",
+                            "near_duplicate_distance"})
 _PROBLEM_LISTS = ("problems", "dropped", "duplicates", "warnings", "shrinkable")
 _COUNTS = ("rows", "shrunk", "decoded", "header_only")
 # libraries whose behaviour shapes the examples: tokenization, chat templates, image processors' token counts,
