@@ -15,7 +15,7 @@ import vlmtune
 from vlmtune.data.preference import PreferencePair, PreparedPairs
 from vlmtune.training import build_trainer
 
-from .conftest import BUILTIN, write_jsonl
+from .conftest import BUILTIN, FAMILIES, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
@@ -32,8 +32,8 @@ def _conversation(image, question, reply):
                          {"role": "assistant", "content": [{"type": "text", "text": reply}]}]}
 
 
-def _recipe(data, out, **overrides):
-    base = {"model.name_or_path": f"builtin:{BUILTIN[FAMILY]}", "data.train": str(data),
+def _recipe(data, out, family=FAMILY, **overrides):
+    base = {"model.name_or_path": f"builtin:{BUILTIN[family]}", "data.train": str(data),
             "data.image_root": str(SHAPES), "output_dir": str(out), "train.max_steps": 4,
             "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
             "train.learning_rate": 2e-2, "train.warmup_ratio": 0.0, "train.lr_scheduler_type": "constant",
@@ -43,12 +43,12 @@ def _recipe(data, out, **overrides):
     return vlmtune.load_recipe(None, overrides=base)
 
 
-def dpo_plan(tmp_path, **overrides):
+def dpo_plan(tmp_path, family=FAMILY, **overrides):
     """A plan of method dpo whose train split holds the QUESTIONS pairs (formatted like SFT examples)."""
     sides = {}
     for i, side in enumerate(("chosen", "rejected")):
         path = write_jsonl(tmp_path / f"{side}.jsonl", [_conversation(img, q, r[i]) for img, q, *r in QUESTIONS])
-        sides[side] = vlmtune.plan(_recipe(path, tmp_path / "out", **overrides))
+        sides[side] = vlmtune.plan(_recipe(path, tmp_path / "out", family, **overrides))
     chosen, rejected = sides["chosen"], sides["rejected"]
     pairs = [PreferencePair(c, r, c.source) for c, r in zip(chosen.train.examples, rejected.train.examples, strict=True)]
     recipe = dataclasses.replace(chosen.recipe, method="dpo")
@@ -73,6 +73,18 @@ def _direct_logps(model, batch) -> torch.Tensor:
     return (picked * mask).sum(dim=1)
 
 
+def _sft_batch(plan, examples, device) -> dict:
+    """The examples batched as SFT batches them (the family's collator), labels as a completion mask."""
+    from vlmtune.data.collator import collator_for
+    from vlmtune.data.dataset import to_dataset
+
+    ds = to_dataset(examples, plan.family, plan.processor, plan.model_config)
+    pad = plan.processor.tokenizer.pad_token_id
+    batch = collator_for(plan.family, pad if pad is not None else 0)([ds[i] for i in range(len(ds))])
+    batch["completion_mask"] = (batch.pop("labels") != -100).long()
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _trainer_metrics(trainer, batch) -> dict:
     trainer._metrics["train"].clear()
     with torch.no_grad():
@@ -95,8 +107,9 @@ def test_pair_batch_labels_are_the_replies(tmp_path):
     assert grids.shape[0] == 2 * n and torch.equal(grids[:n], grids[n:])  # each image once per half
 
 
-def test_policy_logps_equal_a_direct_computation_and_no_reference_copy(tmp_path):
-    plan = dpo_plan(tmp_path)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_policy_logps_equal_a_direct_computation_and_no_reference_copy(family, tmp_path):
+    plan = dpo_plan(tmp_path, family)
     trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
     base_params = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)
@@ -114,6 +127,9 @@ def test_policy_logps_equal_a_direct_computation_and_no_reference_copy(tmp_path)
     n = len(QUESTIONS)
     assert got["logps/chosen"] == pytest.approx(direct[:n].mean().item(), rel=1e-4, abs=1e-4)
     assert got["logps/rejected"] == pytest.approx(direct[n:].mean().item(), rel=1e-4, abs=1e-4)
+    for half, side in ((slice(None, n), "chosen"), (slice(n, None), "rejected")):  # each half: its examples alone
+        alone = _sft_batch(plan, [getattr(p, side) for p in plan.train.pairs], trainer.model.device)
+        assert torch.allclose(direct[half], _direct_logps(trainer.model, alone), rtol=1e-4, atol=1e-3)
     with trainer.model.disable_adapter():
         ref = _direct_logps(trainer.model, batch)
     beta = plan.recipe.dpo.beta
