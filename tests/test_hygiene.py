@@ -85,6 +85,23 @@ def test_copies_are_grouped_with_their_original_and_distinct_pictures_are_not(pi
     assert not alone.groups and not alone.duplicates
 
 
+
+def test_the_same_layout_in_other_colours_is_not_a_near_duplicate(tmp_path):
+    """pHash sees brightness only: a red and a blue square in the same place hash alike; the colours keep them apart,
+    while a resized copy of either still joins it."""
+    paths = {}
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220)), ("green", (30, 160, 30))):
+        img = Image.new("RGB", (128, 128), "white")
+        ImageDraw.Draw(img).rectangle([30, 30, 80, 80], fill=colour)
+        paths[name] = tmp_path / f"{name}.png"
+        img.save(paths[name])
+    Image.open(paths["red"]).resize((64, 64), Image.LANCZOS).save(tmp_path / "red_half.png")
+    sigs = {n: phash._phash(str(p)) for n, p in paths.items()}
+    assert index.close_pairs(phash.as_bits(sigs.values()), 8)  # alike by pHash alone
+    rows = [_row(i + 1, p, f"q {i}") for i, p in enumerate([*paths.values(), tmp_path / "red_half.png"])]
+    found = hygiene.find_near_duplicates(rows, progress=False)
+    assert [set(g.images) for g in found.groups] == [{str(paths["red"]), str(tmp_path / "red_half.png")}]
+
 def test_duplicate_samples_repeat_image_and_text(pictures):
     _, originals, copies = pictures
     rows = [_row(1, originals[0], "What is it?  A DISC."), _row(2, originals[1], "What is it? A disc."),
@@ -123,7 +140,7 @@ def test_each_image_is_hashed_once_across_runs_and_paths(pictures, tmp_path, mon
     assert len(calls) == 2 and first[str(twin)] == first[str(originals[0])]
     again, _ = phash.hash_images([str(originals[1]), str(twin)], progress=False)
     assert len(calls) == 2 and again[str(twin)] == first[str(originals[0])]
-    assert (phash.cache_dir() / "phash-v1.json").is_file()
+    assert (phash.cache_dir() / "phash-v2.json").is_file()
 
 
 def _recipe(tmp_path, train: str, **data) -> str:

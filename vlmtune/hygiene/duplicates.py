@@ -1,4 +1,4 @@
-"""Near-duplicate images (pHash within a Hamming distance) and duplicate samples (near-duplicate images, same text).
+"""Near-duplicate images (pHash within a Hamming distance, colours alike) and duplicate samples (near-duplicate images, same text).
 
 Images are grouped by single linkage: two images within the distance share a group, and so do chains of them.
 Rows are visited train first, then eval, in file order: the first row of a group is its original, later rows
@@ -10,10 +10,13 @@ import re
 from dataclasses import dataclass, field
 
 from .index import close_pairs
-from .phash import HashCache, as_bits, hash_images
+from .phash import HashCache, as_bits, colour_gap, hash_images
 from .rows import SampleRow
 
 DEFAULT_DISTANCE = 8  # of 64 bits: resized / re-encoded copies are 0-4 apart, distinct photos 14+
+# of 255 per channel and grid cell: resized / re-encoded / slightly cropped copies differ by a few to ~20
+# levels, the same shape in another colour by 100+
+COLOUR_TOLERANCE = 40
 MAX_DISTANCE = 32  # half the bits: past it two unrelated hashes are as likely close as not
 
 
@@ -83,6 +86,8 @@ def find_near_duplicates(rows: list[SampleRow], distance: int = DEFAULT_DISTANCE
     groups = _Groups(len(paths))
     spread: dict[int, int] = {}
     for i, j, d in close_pairs(as_bits(hashes[p] for p in paths), distance):
+        if colour_gap(hashes[paths[i]], hashes[paths[j]]) > COLOUR_TOLERANCE:
+            continue  # the same layout in other colours (pHash sees brightness only)
         groups.join(i, j)
         spread[(i, j)] = d
     root = [groups.find(i) for i in range(len(paths))]

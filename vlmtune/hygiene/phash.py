@@ -3,7 +3,9 @@
 pHash is the 64-bit sign pattern of the lowest 8x8 DCT frequencies of the 32x32 grey image: resizing and
 re-encoding (JPEG q30) move a copy by 0-4 bits, a crop of 2-3% of each side by about 4-10, while distinct
 pictures sat 14 or more apart (200 of tests/test_hygiene.py's pictures, 19,900 pairs). It sees luminance only:
-two images that differ only in hue (a red and a blue square on white) hash alike.
+two images that differ only in hue (a red and a blue square on white) hash alike, so each hash carries a colour
+signature too (the image's mean colours on a 4x4 grid): two images are near-duplicates only when their colours
+agree as well (copies: within a few levels; a red and a blue square in the same place: a hundred or more).
 
 Hashes are remembered by the file's content digest in `$VLMTUNE_CACHE/hygiene/phash-v1.json` (digests themselves
 by size and mtime, shared with the vision cache), so a second run decodes only new or changed files."""
@@ -23,7 +25,8 @@ from tqdm.auto import tqdm
 from ..data.images import ImageProblem, cache_root, load_rgb
 
 HASH_BITS = 64
-_CACHE_NAME = "phash-v1.json"  # bump when the hash or its input changes
+COLOUR_GRID = 4  # cells per side of the colour signature
+_CACHE_NAME = "phash-v2.json"  # bump when the hash or its input changes
 
 
 def cache_dir() -> Path:
@@ -31,14 +34,25 @@ def cache_dir() -> Path:
 
 
 def _phash(path: str) -> str:
+    """`<pHash hex>:<colour signature hex>` of an image file (the mean RGB of each cell of a 4x4 grid)."""
     import imagehash
+    from PIL import Image
 
-    return str(imagehash.phash(load_rgb(path)))
+    image = load_rgb(path)
+    colours = image.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX).tobytes()
+    return f"{imagehash.phash(image)}:{colours.hex()}"
+
+
+def colour_gap(a: str, b: str) -> int:
+    """The largest difference (0-255) of one colour channel in one grid cell between two images' signatures."""
+    ca = np.frombuffer(bytes.fromhex(a.partition(":")[2]), dtype=np.uint8).astype(np.int16)
+    cb = np.frombuffer(bytes.fromhex(b.partition(":")[2]), dtype=np.uint8).astype(np.int16)
+    return int(np.abs(ca - cb).max())
 
 
 def as_bits(hex_hashes: Iterable[str]) -> np.ndarray:
-    """(n, 8) uint8 rows of the 64-bit hashes given as imagehash's hex strings (faiss' binary layout)."""
-    hexes = list(hex_hashes)
+    """(n, 8) uint8 rows of the 64-bit pHashes of `_phash`'s strings (faiss' binary layout)."""
+    hexes = [h.partition(":")[0] for h in hex_hashes]
     if not hexes:
         return np.zeros((0, HASH_BITS // 8), dtype=np.uint8)
     return np.frombuffer(bytes.fromhex("".join(hexes)), dtype=np.uint8).reshape(len(hexes), HASH_BITS // 8).copy()
