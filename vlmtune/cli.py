@@ -103,9 +103,13 @@ def cmd_predict(args) -> int:
     records = predict(args.model, images=args.image, prompt=args.prompt, data=args.data, out=args.out,
                       base=args.base, image_root=args.image_root, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                      dtype=args.dtype, data_format=args.format)
+                      dtype=args.dtype, data_format=args.format, retrieve=args.retrieve, k=args.k)
     if args.prompt is not None:
         print(records[0]["prediction"] or "(empty reply: the model ended its turn at once)")
+        if args.retrieve is not None:
+            from .inference.retrieval import render_retrieved
+
+            print(render_retrieved(records[0]))
     else:
         hits, scored = exact_matches(records)
         score = f"; {hits}/{scored} equal their reference answer" if scored else ""
@@ -167,6 +171,9 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("model", help="merged model folder, adapter folder, or model id/folder")
     p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
     p.add_argument("--prompt", help="the user's question")
+    p.add_argument("--retrieve", metavar="INDEX", help="image index (`vlmtune index build`): its top -k images for "
+                                                       "the --prompt's text are the prompt's images")
+    p.add_argument("-k", type=int, default=4, help="how many images --retrieve gives the prompt (default 4)")
     p.add_argument("--data", help="data file (any data format, see --format) or dataset_info.json#name: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")
     p.add_argument("--format", choices=FORMATS,

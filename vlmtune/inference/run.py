@@ -14,30 +14,45 @@ from .generation import encode, generate
 from .load import Loaded, dtype_named, load_for_inference
 from .outputs import PredictionFile
 from .prompts import data_settings, read_prompts, single_prompt
+from .retrieval import open_index, retrieval_prompt
+from .retrieval import retrieve as retrieve_images
 
 
 def predict(model, images: list | None = None, prompt: str | None = None, data=None, out=None, *,
             base: str | None = None, image_root: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
             dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None,
-            data_format: str | None = None) -> list[dict]:
+            data_format: str | None = None, retrieve=None, k: int = 4,
+            max_length: int | None = None) -> list[dict]:
     """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given
     (checked before any work, and streamed to `<out>.partial` as each batch finishes; see PredictionFile).
+    `retrieve`: an image index (folder or ImageIndex) whose top `k` images for the prompt's text are its images
+    (see retrieval; `max_length`: the token budget they must fit, default the VLM's data.max_length).
 
-    Returns one record per input: {"row", "prediction", "reference", "source"}.
+    Returns one record per input: {"row", "prediction", "reference", "source"}, and "retrieved" (path, score of
+    each image given, best first) with `retrieve`.
     """
     from tqdm.auto import tqdm
 
     _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
+    if retrieve is not None and (prompt is None or images):
+        raise VlmtuneError("--retrieve goes with --prompt and finds the images itself (no --image, no --data)")
     sink = PredictionFile(Path(out)) if out is not None else None  # refuses an unwritable --out before any work
     with _keep_partial(sink):
-        if prompt is not None:
+        hits = None
+        if retrieve is not None:  # the index and its model are checked before the VLM loads
+            index = open_index(retrieve)
+            hits = retrieve_images(index, prompt, k)
+        elif prompt is not None:
             prompts = [single_prompt(images, prompt)]
         else:
             fmt, options = data_settings(model, data_format)
             prompts = read_prompts(data, image_root, fmt, options)
         if loaded is None:
             loaded = load_for_inference(model, base=base, dtype=dtype_named(dtype))
+        if hits is not None:
+            prompts = [retrieval_prompt(loaded, prompt, hits, index.folder, max_length)]
+        extra = {} if hits is None else {"retrieved": [h.to_dict() for h in hits]}
         torch.manual_seed(seed)
         encoded = [encode(loaded, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].input_ids))  # similar lengths together
@@ -48,7 +63,7 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
                 idx = order[start:start + batch_size]
                 texts = generate(loaded, [encoded[i] for i in idx], max_new_tokens, temperature, top_p)
                 batch = [{"row": prompts[i].row, "prediction": text, "reference": prompts[i].reference,
-                          "source": prompts[i].source} for i, text in zip(idx, texts, strict=True)]
+                          "source": prompts[i].source, **extra} for i, text in zip(idx, texts, strict=True)]
                 done.update(zip(idx, batch, strict=True))
                 if sink is not None:
                     sink.add(batch, len(prompts))
