@@ -173,13 +173,16 @@ def test_steps_raise_the_margin_change_only_lora_and_merge(setup, tmp_path):
     assert isinstance(reply[0]["prediction"], str)
 
 
-def test_starting_from_an_sft_adapter(tmp_path):
+@pytest.mark.parametrize("setup", ["fp32-lora", "4bit-qlora"])
+def test_starting_from_an_sft_adapter(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from vlmtune.config.schema import LoraConfig as RecipeLora
     from vlmtune.modeling import lora_targets
 
-    plan = dpo_plan(tmp_path)
+    if setup == "4bit-qlora":
+        pytest.importorskip("bitsandbytes")
+    plan = dpo_plan(tmp_path, **SETUPS.get(setup, {}))
     base = plan.family.load_class().from_pretrained(plan.model_path)
     torch.manual_seed(1)
     sft = get_peft_model(base, LoraConfig(r=4, target_modules=lora_targets(base, plan.family, RecipeLora()),
@@ -195,14 +198,15 @@ def test_starting_from_an_sft_adapter(tmp_path):
     (folder / "vlmtune.json").write_text(json.dumps({"base_model": plan.recipe.model.name_or_path}))
     trainer, _ = build_trainer(wrong, tmp_path / "ckpt", log=lambda *_: None)
     params = dict(trainer.model.named_parameters())
-    assert all(torch.equal(params[n], p) for n, p in saved.items())  # it starts where the SFT adapter ended
+    # it starts where the SFT adapter ended (TRL keeps QLoRA's adapter weights in bf16)
+    assert all(torch.equal(params[n], p.to(params[n].dtype)) for n, p in saved.items())
     assert all(params[n].requires_grad for n in saved)
     ref = {n: p.detach().clone() for n, p in params.items() if ".ref." in n}
     assert ref and not any(p.requires_grad for n, p in params.items() if ".ref." in n)  # the SFT adapter: reference
     trainer.args.max_steps = 2
     trainer.train()
     params = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(params[n], p) for n, p in saved.items())
+    assert any(not torch.equal(params[n], p.to(params[n].dtype)) for n, p in saved.items())
     assert all(torch.equal(params[n], p) for n, p in ref.items())
 
 
