@@ -119,3 +119,18 @@ def test_three_arms_tiny_smoke(tmp_path):
     summary = subprocess.run([sys.executable, str(ROOT / "bench" / "summarize.py"), str(out)], capture_output=True,
                              text=True, cwd=ROOT, timeout=60)
     assert summary.returncode == 0 and "vlmtune-fast: MFU" in summary.stdout, summary.stderr
+
+
+def test_dpo_method_runs_the_dpo_benchmark_with_the_same_settings(monkeypatch, tmp_path):
+    import dpo_throughput
+    from throughput import cli
+
+    seen = []
+    monkeypatch.setattr(dpo_throughput, "main", lambda argv: seen.append(argv) or 0)
+    out = tmp_path / "dpo.json"
+    assert cli.main(["--method", "dpo", "--num-samples", "16", "--epochs", "1", "--batch-size", "4",
+                     "--out", str(out)]) == 0
+    assert seen == [["--pairs", "16", "--epochs", "1", "--batch-size", "4", "--gradient-checkpointing", "default",
+                     "--out", str(out)]]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--method", "dpo", "--arch", "small-qwen2-vl"])

@@ -33,6 +33,10 @@ ENTRY = HERE / "train_throughput.py"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Training throughput: TRL's VLM recipe beside vlmtune and vlmtune-fast",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                   help="dpo: TRL's documented VLM DPO recipe beside vlmtune's DPO (bench/dpo_throughput.py; tiny "
+                        "model; --num-samples pairs, --epochs, --batch-size, --learning-rate, "
+                        "--gradient-checkpointing, --out)")
     p.add_argument("--arch", choices=ARCHS, default="tiny")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--quant", choices=("none", "4bit"), default="none")
@@ -60,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "decoder and LM head, and torch.profiler's top operators (raw.<arm>.probe.profile; the "
                         "profiler's overhead falls into that arm's timing)")
     args = p.parse_args(argv)
+    args.learning_rate_given = any(a == "--learning-rate" or a.startswith("--learning-rate=")
+                                   for a in (sys.argv[1:] if argv is None else argv))
+    if args.method == "dpo" and args.arch != "tiny":
+        p.error("--method dpo runs on the tiny model only (bench/dpo_throughput.py)")
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arm_list if a not in ARMS]
     if bad or not args.arm_list:
@@ -100,8 +108,24 @@ def packing_plan(samples: list[dict], batch_size: int) -> tuple[int, int]:
     return capacity, max(1, round(batch_size * mean / capacity))
 
 
+def dpo_argv(args: argparse.Namespace) -> list[str]:
+    """bench/dpo_throughput.py's arguments for a `--method dpo` run."""
+    argv = ["--pairs", str(args.num_samples), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--gradient-checkpointing", args.gradient_checkpointing]
+    if args.learning_rate_given:
+        argv += ["--learning-rate", str(args.learning_rate)]
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    return argv
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.method == "dpo":
+        sys.path.insert(0, str(HERE))
+        import dpo_throughput
+
+        return dpo_throughput.main(dpo_argv(args))
     started = time.perf_counter()
     n = -(-args.num_samples // args.batch_size) * args.batch_size  # no ragged last batch
     work = args.work_dir.resolve()
