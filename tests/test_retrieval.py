@@ -124,6 +124,24 @@ def test_more_images_than_max_length_holds_suggests_the_k_that_fits(index_dir, l
     assert len(record["retrieved"]) == 2
 
 
-def test_retrieve_takes_no_image_or_data_file(index_dir, vlm_never_loads):
+def test_retrieve_takes_no_image_or_data_file_and_k_needs_it(index_dir, vlm_never_loads):
     with pytest.raises(VlmtuneError, match="--retrieve goes with --prompt"):
         vlmtune.predict(VLM, images=[load_index(index_dir).paths[0]], prompt=QUESTION, retrieve=index_dir)
+    with pytest.raises(VlmtuneError, match="give --retrieve INDEX with it"):
+        vlmtune.predict(VLM, prompt=QUESTION, k=2)
+
+
+def test_a_stopped_build_answers_from_the_images_embedded_so_far(index_dir, tmp_path, loaded, capsys):
+    import shutil
+
+    partial = tmp_path / "ix"
+    shutil.copytree(index_dir, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "chunk": 5}))
+    (partial / "index.faiss").unlink()
+    shutil.rmtree(partial / "parts")
+    (partial / "parts").mkdir()
+    np.save(partial / "parts" / "part-000000.npy", load_index(index_dir).index.reconstruct_n(0, 5))
+    [record] = vlmtune.predict(VLM, prompt=QUESTION, retrieve=partial, k=2, loaded=loaded, max_new_tokens=2)
+    assert {r["path"] for r in record["retrieved"]} <= set(load_index(index_dir).paths[:5])
+    assert "is not complete (5 of 12 images embedded)" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--prompt", help="the user's question")
     p.add_argument("--retrieve", metavar="INDEX", help="image index (`vlmtune index build`): its top -k images for "
                                                        "the --prompt's text are the prompt's images")
-    p.add_argument("-k", type=int, default=4, help="how many images --retrieve gives the prompt (default 4)")
+    p.add_argument("-k", type=int, help="how many images --retrieve gives the prompt (default 4)")
     p.add_argument("--data", help="data file (any data format, see --format) or dataset_info.json#name: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")
     p.add_argument("--format", choices=FORMATS,

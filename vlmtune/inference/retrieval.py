@@ -4,6 +4,7 @@ token budget (data.max_length as the VLM was trained, from its vlmtune.json)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def retrieve(index, question: str, k: int = 4) -> list[Retrieved]:
         raise VlmtuneError(f"the index {index.folder} was built with the model {index.manifest.get('model')!r} "
                            f"(its manifest.json), which cannot be loaded: {e}; put that model back where it was, "
                            "or rebuild the index with `vlmtune index build --model ... --overwrite`") from None
+    if not index.complete:  # a build that was stopped: its images embedded so far are searched
+        print(f"predict: the index {index.folder} is not complete ({len(index.paths)} of "
+              f"{index.manifest.get('count')} images embedded); rerun its `vlmtune index build` to finish it",
+              file=sys.stderr)
     return [Retrieved(path, score) for path, score in index.search(question, k)]
 
 

@@ -22,12 +22,13 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
             base: str | None = None, image_root: str | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
             dtype: str | None = None, progress: bool = True, loaded: Loaded | None = None,
-            data_format: str | None = None, retrieve=None, k: int = 4,
+            data_format: str | None = None, retrieve=None, k: int | None = None,
             max_length: int | None = None) -> list[dict]:
     """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given
     (checked before any work, and streamed to `<out>.partial` as each batch finishes; see PredictionFile).
-    `retrieve`: an image index (folder or ImageIndex) whose top `k` images for the prompt's text are its images
-    (see retrieval; `max_length`: the token budget they must fit, default the VLM's data.max_length).
+    `retrieve`: an image index (folder or ImageIndex); its top `k` (default 4) images for the prompt's text become
+    the prompt's images (see retrieval; `max_length`: the token budget they must fit, default the VLM's
+    data.max_length).
 
     Returns one record per input: {"row", "prediction", "reference", "source"}, and "retrieved" (path, score of
     each image given, best first) with `retrieve`.
@@ -37,12 +38,14 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
     _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
     if retrieve is not None and (prompt is None or images):
         raise VlmtuneError("--retrieve goes with --prompt and finds the images itself (no --image, no --data)")
+    if k is not None and retrieve is None:
+        raise VlmtuneError("-k is the number of images --retrieve gives the prompt; give --retrieve INDEX with it")
     sink = PredictionFile(Path(out)) if out is not None else None  # refuses an unwritable --out before any work
     with _keep_partial(sink):
         hits = None
         if retrieve is not None:  # the index and its model are checked before the VLM loads
             index = open_index(retrieve)
-            hits = retrieve_images(index, prompt, k)
+            hits = retrieve_images(index, prompt, 4 if k is None else k)
         elif prompt is not None:
             prompts = [single_prompt(images, prompt)]
         else:
