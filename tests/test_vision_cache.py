@@ -262,6 +262,29 @@ def test_changed_image_or_pixel_bound_misses(media, mixed_data, tmp_path, monkey
     assert model_key(plan)[0] == model_key(vlmtune.plan(plan.recipe))[0]
 
 
+def test_a_same_size_rewrite_that_keeps_the_mtime_misses(tmp_path):
+    """cp -p / rsync -t: other bytes, the same size, the old mtime restored; only the ctime tells."""
+    import os
+    import time
+
+    path, index = tmp_path / "a.png", tmp_path / "digests.json"
+    path.write_bytes(b"\x00" * 64)
+    hasher = MediaHasher(index)
+    before = hasher.file(str(path))
+    hasher.save()
+    st = os.stat(path)
+    for _ in range(100):  # the ctime ticks with the kernel's clock: rewrite until it has moved on
+        path.write_bytes(b"\x01" * 64)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        now = os.stat(path)
+        if now.st_ctime_ns != st.st_ctime_ns:
+            break
+        time.sleep(0.01)
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and now.st_ctime_ns != st.st_ctime_ns
+    assert MediaHasher(index).file(str(path)) != before
+    assert MediaHasher(index).file(str(path)) == MediaHasher().file(str(path))
+
+
 def test_size_is_printed_and_a_full_disk_refused_before_writing(mixed_data, tmp_path, monkeypatch):
     import vlmtune.disk
 

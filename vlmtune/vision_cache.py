@@ -127,8 +127,9 @@ def model_key(plan) -> tuple[str, dict]:
 
 
 class MediaHasher:
-    """Entry keys from media contents. A file's digest is remembered by (size, mtime) in `index` (a JSON file
-    beside the caches), so a later run reads only the files that changed."""
+    """Entry keys from media contents. A file's digest is remembered by (size, mtime, ctime) in `index` (a JSON
+    file beside the caches), so a later run reads only the files that changed; the ctime catches a rewrite that
+    restored the mtime (cp -p, rsync -t)."""
 
     def __init__(self, index: Path | None = None):
         self.index = index
@@ -142,14 +143,15 @@ class MediaHasher:
 
     def file(self, path: str) -> str:
         st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         known = self._known.get(path)
-        if known and known[:2] == [st.st_size, st.st_mtime_ns]:
-            return known[2]
+        if known and known[:3] == stamp and len(known) == 4:
+            return known[3]
         h = hashlib.blake2b(digest_size=20)
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        self._known[path] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self._known[path] = [*stamp, h.hexdigest()]
         self._changed = True
         return h.hexdigest()
 
