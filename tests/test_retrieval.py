@@ -145,3 +145,14 @@ def test_a_stopped_build_answers_from_the_images_embedded_so_far(index_dir, tmp_
     [record] = vlmtune.predict(VLM, prompt=QUESTION, retrieve=partial, k=2, loaded=loaded, max_new_tokens=2)
     assert {r["path"] for r in record["retrieved"]} <= set(load_index(index_dir).paths[:5])
     assert "is not complete (5 of 12 images embedded)" in capsys.readouterr().err
+
+
+def test_a_retrieved_image_that_is_gone_names_the_index(index_dir, tmp_path, loaded):
+    import shutil
+
+    moved = tmp_path / "ix"
+    shutil.copytree(index_dir, moved)
+    paths = (moved / "paths.txt").read_text().splitlines()
+    (moved / "paths.txt").write_text("\n".join([str(tmp_path / "gone.png"), *paths[1:]]) + "\n")
+    with pytest.raises(VlmtuneError, match=rf"an image retrieved from {moved} cannot be read: .*gone.png.*rebuild"):
+        vlmtune.predict(VLM, prompt=QUESTION, retrieve=moved, k=12, loaded=loaded)

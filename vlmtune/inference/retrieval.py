@@ -36,17 +36,17 @@ def retrieve(index, question: str, k: int = 4) -> list[Retrieved]:
     if k <= 0:
         raise VlmtuneError(f"-k must be at least 1, got {k}")
     if k > len(index.paths):
-        raise VlmtuneError(f"-k {k} asks for more images than the index {index.folder} holds ({len(index.paths)}); "
+        raise VlmtuneError(f"-k {k} asks for more images than the index at {index.folder} holds ({len(index.paths)}); "
                            f"give -k {len(index.paths)} or fewer")
     try:
         with quiet_loading():
             index.model  # noqa: B018 - loads the index's embedding model once
     except (VlmtuneError, OSError, ValueError) as e:
-        raise VlmtuneError(f"the index {index.folder} was built with the model {index.manifest.get('model')!r} "
+        raise VlmtuneError(f"the index at {index.folder} was built with the model {index.manifest.get('model')!r} "
                            f"(its manifest.json), which cannot be loaded: {e}; put that model back where it was, "
                            "or rebuild the index with `vlmtune index build --model ... --overwrite`") from None
     if not index.complete:  # a build that was stopped: its images embedded so far are searched
-        print(f"predict: the index {index.folder} is not complete ({len(index.paths)} of "
+        print(f"predict: the index at {index.folder} is not complete ({len(index.paths)} of "
               f"{index.manifest.get('count')} images embedded); rerun its `vlmtune index build` to finish it",
               file=sys.stderr)
     return [Retrieved(path, score) for path, score in index.search(question, k)]
