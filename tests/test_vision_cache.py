@@ -298,6 +298,65 @@ def test_size_is_printed_and_a_full_disk_refused_before_writing(mixed_data, tmp_
     assert not list((tmp_path / "vision-cache").rglob("*.safetensors"))
 
 
+# ---------------------------------------------------------------- the size limit ($VLMTUNE_VISION_CACHE_GB)
+def _fake_entry(root: Path, model: str, key: str, size: int, age_s: float) -> Path:
+    import os
+    import time
+
+    path = root / model / key[:2] / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    (root / model / "model.json").write_text("{}")
+    used = time.time() - age_s
+    os.utime(path, (used, used))
+    return path
+
+
+def test_prune_removes_the_least_recently_used_entries_of_any_model_but_never_the_runs(tmp_path):
+    from vlmtune.vision_cache import prune
+
+    root = tmp_path / "vision"
+    oldest = _fake_entry(root, "m1", "aa01", 400, age_s=300)
+    kept_old = _fake_entry(root, "m2", "bb01", 400, age_s=400)  # older still, but the run reads it
+    middle = _fake_entry(root, "m3", "cc01", 400, age_s=200)
+    recent = _fake_entry(root, "m1", "aa02", 400, age_s=100)
+    lines = []
+    assert prune(root, {kept_old}, limit=800, log=lines.append) == 800
+    assert not oldest.exists() and not middle.exists() and recent.exists() and kept_old.exists()
+    assert not (root / "m3").exists() and (root / "m1" / "model.json").exists()  # an emptied model folder goes
+    assert len(lines) == 1 and "$VLMTUNE_VISION_CACHE_GB" in lines[0]
+    assert prune(root, set(), limit=800, log=lines.append) == 0 and len(lines) == 1  # under the limit: nothing
+
+
+def test_the_limit_evicts_other_entries_and_refuses_a_run_that_alone_exceeds_it(mixed_data, tmp_path, monkeypatch):
+    root = fresh_cache(monkeypatch, tmp_path)
+    stale = _fake_entry(root, "other-model", "dd01", 200_000, age_s=86400)
+    plan = vlmtune.plan(recipe_for("qwen2_vl", mixed_data, tmp_path / "out"))
+    monkeypatch.setenv("VLMTUNE_VISION_CACHE_GB", "1e-7")  # about 107 bytes: less than one entry
+    lines = []
+    auto, _ = build_trainer(with_setting(plan, "auto", max_steps=4), tmp_path / "a", log=lines.append)
+    vc = auto.vision_cache
+    assert not vc.on and "over the 1e-07 GiB of $VLMTUNE_VISION_CACHE_GB" in vc.reason
+    assert any("media tokens x" in line and "limit 1e-07 GiB" in line for line in lines), lines
+    assert list(root.rglob("*.safetensors")) == [stale]  # nothing written, nothing pruned
+    assert vc.dataset_args("train") == {}  # training runs the tower
+    with pytest.raises(vlmtune.VlmtuneError, match="cannot be|over the 1e-07 GiB.*raise \\$VLMTUNE_VISION_CACHE_GB"):
+        build_trainer(with_setting(plan, "true"), tmp_path / "b", log=_quiet)
+
+    monkeypatch.setenv("VLMTUNE_VISION_CACHE_GB", "100")
+    first, _ = build_trainer(with_setting(plan, "true"), tmp_path / "c", log=_quiet)
+    own = first.vision_cache.metrics()["vision_cache_bytes"]
+    assert own > 0 and stale.exists()  # under the limit: kept
+    entries = sorted({first.vision_cache.store.path(k) for k in first.vision_cache.train_keys if k})
+    entries[0].unlink()  # one to write again, so the next run prunes
+    monkeypatch.setenv("VLMTUNE_VISION_CACHE_GB", str((own + 100_000) / 2**30))
+    lines = []
+    again, _ = build_trainer(with_setting(plan, "true"), tmp_path / "d", log=lines.append)
+    assert again.vision_cache.misses == 1 and all(p.exists() for p in entries)  # the run's own entries stay
+    assert not stale.exists() and not (root / "other-model").exists()
+    assert any(line.startswith("vision feature cache over ") for line in lines), lines
+
+
 # ---------------------------------------------------------------- auto / true / false
 @pytest.fixture(scope="module")
 def qwen_plan(mixed_data, tmp_path_factory):

@@ -9,7 +9,8 @@ when read. The model key hashes the weights' file names, sizes and modification 
 device, attention kernel, quantization and the processor's saved files (pixel bounds included); an entry's key
 hashes the bytes of its media files, its grids, its own pixel bound and its video frames. Each file is written
 whole and renamed into place, so a killed pre-pass leaves only whole entries (the next run computes the rest);
-an entry that fails to open is rebuilt."""
+an entry that fails to open is rebuilt. Past $VLMTUNE_VISION_CACHE_GB (default 50) the least recently used
+entries, of any model, are removed after a pre-pass wrote new ones; a run's own entries always stay."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,10 +27,12 @@ import torch
 from .data import prepared_cache
 from .data.collator import EncoderOutput
 from .data.packing import pack_bins
+from .disk import human_size
 from .errors import FieldError, VlmtuneError
 
 FORMAT = 1  # bump when an entry's layout changes
 FIELD = "train.cache_vision_features"
+LIMIT_VARIABLE, DEFAULT_LIMIT_GB = "VLMTUNE_VISION_CACHE_GB", 50.0
 
 
 def setting(recipe) -> str:
@@ -103,6 +107,45 @@ def decide(plan, report: dict[str, tuple[int, int]]) -> tuple[bool, str]:
 # ---------------------------------------------------------------- keys
 def cache_root() -> Path:
     return prepared_cache.cache_root().parent / "vision"
+
+
+def limit_bytes() -> float:
+    """$VLMTUNE_VISION_CACHE_GB in bytes (GiB; the default where it is unset or not a number)."""
+    try:
+        return float(os.environ.get(LIMIT_VARIABLE) or DEFAULT_LIMIT_GB) * 2**30
+    except ValueError:
+        return DEFAULT_LIMIT_GB * 2**30
+
+
+def prune(root: Path, kept: set[Path], limit: float, log) -> int:
+    """Remove the least recently used entries (by modification time: a run touches what it reads) under `root`,
+    of every model, while they hold more than `limit` bytes; `kept` (the current run's) stay. A model folder left
+    without entries goes too. Returns the bytes removed."""
+    entries = []
+    for path in root.glob("*/??/*.safetensors"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime_ns, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = 0
+    for _, size, path in sorted(entries, key=lambda e: e[0]):  # least recently used first
+        if total <= limit:
+            break
+        if path in kept:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed += size
+    if removed:
+        in_use = {p.parent.parent for p in kept}
+        for folder in root.iterdir():
+            if folder.is_dir() and folder not in in_use and not any(folder.glob("??/*.safetensors")):
+                shutil.rmtree(folder, ignore_errors=True)
+        log(f"vision feature cache over {limit / 2**30:g} GiB (${LIMIT_VARIABLE}): removed {human_size(removed)} "
+            f"of least recently used features ({human_size(total)} left)")
+    return removed
 
 
 def model_key(plan) -> tuple[str, dict]:
@@ -205,6 +248,15 @@ class FeatureStore:
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
+
+    def touch(self, key: str) -> int:
+        """Mark an entry used now (for pruning the least recently used); its size, 0 when it is gone."""
+        path = self.path(key)
+        try:
+            os.utime(path)
+            return path.stat().st_size
+        except OSError:
+            return 0
 
     def valid(self, key: str) -> bool:
         """The entry opens and has this format's layout (a file cut short or overwritten does not)."""

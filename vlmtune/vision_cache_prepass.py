@@ -20,7 +20,19 @@ import torch
 from .data.collator import collator_for
 from .data.dataset import to_dataset
 from .disk import check_space, human_size
-from .vision_cache import FeatureStore, MediaHasher, cache_root, decide, model_key
+from .errors import VlmtuneError
+from .vision_cache import (
+    FIELD,
+    LIMIT_VARIABLE,
+    FeatureStore,
+    MediaHasher,
+    cache_root,
+    decide,
+    limit_bytes,
+    model_key,
+    prune,
+    setting,
+)
 
 WHAT = "the vision feature cache was not built"
 ADVICE = ("free up space, point $VLMTUNE_CACHE at a larger disk, or set train.cache_vision_features: false")
@@ -119,10 +131,12 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
     cache.eval_keys = [hasher.key(e) for e in evals]
     hasher.save()
     todo: dict[str, object] = {}
+    reused = 0  # bytes of the entries already there that this run reads
     for k, example in zip(cache.train_keys + cache.eval_keys, list(plan.train.examples) + list(evals), strict=True):
         if k is None or k in todo:
             continue
         if store.valid(k):
+            reused += store.touch(k)  # used now: the least recently used entries are pruned first
             continue
         if store.path(k).exists():
             cache.rebuilt += 1
@@ -132,10 +146,24 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
     cache.hits = len(unique) - cache.misses
     if todo:
         before = calls.calls
-        _prepass(model, plan, store, todo, workers, cache, log)
-        cache.prepass_calls = calls.calls - before
+        try:
+            _prepass(model, plan, store, todo, workers, cache, reused, log)
+        except _OverLimit as e:
+            if setting(plan.recipe) == "true":
+                raise VlmtuneError(f"{FIELD}: {e}; raise ${LIMIT_VARIABLE} or set {FIELD}: false") from None
+            cache.on, cache.reason = False, str(e)
+            log(f"vision feature cache: off ({e}; raise ${LIMIT_VARIABLE} to cache them)")
+            return cache
+        finally:
+            cache.prepass_calls = calls.calls - before
     log(f"vision feature cache: {cache.hits} entries reused, {cache.misses} computed ({store.folder})")
+    if cache.written_bytes:
+        prune(cache_root(), {store.path(k) for k in unique}, limit_bytes(), log)
     return cache
+
+
+class _OverLimit(Exception):
+    """The run's own features would not fit under $VLMTUNE_VISION_CACHE_GB (nothing was written)."""
 
 
 def _describe(folder: Path, described: dict) -> None:
@@ -209,8 +237,10 @@ def encode(model, family, batch: dict, device) -> dict:
     return {"outputs": outputs, "inputs": kept}
 
 
-def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: VisionCache, log) -> None:
-    """Encode every example in `todo` (key -> example) and store it; the size is printed and checked first."""
+def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: VisionCache, reused: int,
+             log) -> None:
+    """Encode every example in `todo` (key -> example) and store it; the size is printed and checked first
+    (`reused`: the bytes of the run's entries already stored, which count toward the size limit)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -231,20 +261,25 @@ def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: 
                 continue
             entry = encode(model, family, batch, device)
             if per_token is None:
-                per_token = _check_size(entry, n, sum(tokens), len(keys), store.folder, log)
+                per_token = _check_size(entry, n, sum(tokens), len(keys), store.folder, reused, log)
             cache.written_bytes += store.write(key, entry)
     finally:
         model.train(was_training)
 
 
-def _check_size(entry: dict, tokens: int, total_tokens: int, entries: int, folder: Path, log) -> float:
-    """Print the cache's size (media tokens x bytes per token, measured on the first entry) and refuse when the
-    disk cannot hold it."""
+def _check_size(entry: dict, tokens: int, total_tokens: int, entries: int, folder: Path, reused: int, log) -> float:
+    """Print the cache's size (media tokens x bytes per token, measured on the first entry); refuse when the disk
+    cannot hold it (DiskFullError) or the run alone needs more than $VLMTUNE_VISION_CACHE_GB (_OverLimit)."""
     nbytes = sum(t.numel() * t.element_size() for t in _tensors(entry))
     per_token = nbytes / max(tokens, 1)
     needed = int(per_token * total_tokens) + 8192 * entries  # a header and a partly filled block per file
+    limit = limit_bytes()
     log(f"vision feature cache: {total_tokens:,} media tokens x {per_token:,.0f} bytes = about {human_size(needed)} "
-        f"to write under {folder}")
+        f"to write under {folder} (the run's features: {human_size(needed + reused)}, limit {limit / 2**30:g} GiB "
+        f"${LIMIT_VARIABLE})")
+    if needed + reused > limit:
+        raise _OverLimit(f"the run's features need about {human_size(needed + reused)}, over the "
+                         f"{limit / 2**30:g} GiB of ${LIMIT_VARIABLE}")
     check_space(folder, needed, WHAT, subject="the cached features", advice=ADVICE)
     return per_token
 
