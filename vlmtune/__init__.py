@@ -38,7 +38,8 @@ def validate(recipe, decode_images: bool = False):
 
 
 def predict(model, images=None, prompt=None, data=None, out=None, **kwargs):
-    """Generate with a merged model or base + adapter for one prompt or a data file (see vlmtune.inference)."""
+    """Generate with a merged model or base + adapter for one prompt or a data file (see vlmtune.inference);
+    `retrieve=INDEX, k=4` answers the prompt with an image index's top-k images for it (vlmtune index build)."""
     from .inference import predict as _predict
 
     return _predict(model, images=images, prompt=prompt, data=data, out=out, **kwargs)
