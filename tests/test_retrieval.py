@@ -154,5 +154,5 @@ def test_a_retrieved_image_that_is_gone_names_the_index(index_dir, tmp_path, loa
     shutil.copytree(index_dir, moved)
     paths = (moved / "paths.txt").read_text().splitlines()
     (moved / "paths.txt").write_text("\n".join([str(tmp_path / "gone.png"), *paths[1:]]) + "\n")
-    with pytest.raises(VlmtuneError, match=rf"an image retrieved from {moved} cannot be read: .*gone.png.*rebuild"):
+    with pytest.raises(VlmtuneError, match=rf"an image retrieved from the index at {moved} cannot be read: .*gone.png.*rebuild"):
         vlmtune.predict(VLM, prompt=QUESTION, retrieve=moved, k=12, loaded=loaded)

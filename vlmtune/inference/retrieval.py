@@ -59,7 +59,7 @@ def retrieval_prompt(loaded: Loaded, question: str, hits: list[Retrieved], index
     try:
         prompt = single_prompt([h.path for h in hits], question)
     except VlmtuneError as e:
-        raise VlmtuneError(f"an image retrieved from {index_folder} cannot be read: {e}; rebuild the index") from None
+        raise VlmtuneError(f"an image retrieved from the index at {index_folder} cannot be read: {e}; rebuild the index") from None
     limit = max_length or model_max_length(loaded)
     length = len(encode(loaded, prompt).input_ids)
     if length <= limit:
@@ -68,7 +68,7 @@ def retrieval_prompt(loaded: Loaded, question: str, hits: list[Retrieved], index
                  if len(encode(loaded, single_prompt([h.path for h in hits[:j]], question)).input_ids) <= limit), 0)
     hint = (f"give -k {fits} or fewer" if fits else "even one image does not fit: shorten the question or use a VLM "
             "trained with a larger data.max_length")
-    raise VlmtuneError(f"the prompt with {len(hits)} retrieved images from {index_folder} is {length} tokens, over "
+    raise VlmtuneError(f"the prompt with {len(hits)} retrieved images from the index at {index_folder} is {length} tokens, over "
                        f"the VLM's data.max_length={limit}; {hint}")
 
 
