@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmtune import families
+from vlmtune import families, methods
 from vlmtune.config import BOUNDS, RecipeError, dump, load_recipe, numeric_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,34 +35,42 @@ def test_shipped_recipes_exist():
     assert {"tiny-demo.yaml", "qwen2-vl-2b-lora.yaml", "qwen2-vl-2b-qlora.yaml"} <= names
 
 
-def recipe_family(recipe):
-    """The family a shipped recipe is for: its builtin tiny model's, else the model.family it must name (so that it
-    validates without the hub)."""
+def recipe_family(recipe) -> str:
+    """The family a shipped recipe is for, by name: its builtin tiny model's, else the model.family it must name (so
+    that it validates without the hub), one of its method's families (the VLM families unless the method has its
+    own: a dual encoder's)."""
     name = recipe.model.name_or_path
-    if name.startswith("builtin:"):
-        return families.by_tiny_name(name.removeprefix("builtin:"))
+    own = methods.get(recipe.method).model_families()
+    if name.startswith("builtin:") and own is None:
+        return families.by_tiny_name(name.removeprefix("builtin:")).name
     assert recipe.model.family != "auto", f"{name}: set model.family (the hub is not read here)"
-    return families.get(recipe.model.family)
+    assert recipe.model.family in (own or families.names())
+    return recipe.model.family
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
-    """Every field valid, and each one the recipe's family takes (check_runtime: e.g. no data.min_pixels for LLaVA)."""
+    """Every field valid, and each one the recipe's family takes (check_runtime: e.g. no data.min_pixels for LLaVA;
+    a method with its own run checks its fields in validate)."""
     from vlmtune.modeling import check_runtime
 
     recipe = load_recipe(path, check_paths=path.name == "tiny-demo.yaml")
     assert recipe.model.name_or_path and recipe.data.train
     family = recipe_family(recipe)
     if recipe.model.family != "auto":
-        assert recipe.model.family == family.name
+        assert recipe.model.family == family
+    if methods.get(recipe.method).own_run:
+        return
     missing = set() if importlib.util.find_spec("bitsandbytes") else {"quantization.mode"}  # this machine's packages
-    assert [str(e) for e in check_runtime(recipe, family) if e.path not in missing] == []
+    assert [str(e) for e in check_runtime(recipe, families.get(family)) if e.path not in missing] == []
 
 
 def test_every_family_has_a_recipe_at_a_real_size():
+    """The VLM families and those of each method with its own (the dual encoders')."""
     recipes = [load_recipe(p, check_paths=False) for p in RECIPES]
-    real = {recipe_family(r).name for r in recipes if not r.model.name_or_path.startswith("builtin:")}
-    assert sorted(set(families.names()) - real) == []
+    real = {recipe_family(r) for r in recipes if not r.model.name_or_path.startswith("builtin:")}
+    wanted = set(families.names()).union(*(m.model_families() or () for m in methods.METHODS.values()))
+    assert sorted(wanted - real) == []
 
 
 def test_minimal_recipe_gets_defaults(tmp_path, data_file):

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlmtune.config import RecipeError, load_recipe
 from vlmtune.contrastive.losses import contrastive_loss
 from vlmtune.contrastive.pairs import make_shape_captions
 from vlmtune.contrastive.recall import recall_at_k
-from vlmtune.contrastive.recipe import load_contrastive_recipe
 from vlmtune.embedding import embed_images, embed_texts, load_embedding_model, registry
 
 FAMILIES = [f.name for f in registry.all_families()]
@@ -109,14 +109,14 @@ def shapes_pairs(tmp_path_factory):
 
 
 def _recipe(family, data, out, **train):
-    return load_contrastive_recipe(raw={
-        "method": "contrastive", "model": {"name_or_path": f"builtin:{registry.get(family).tiny_name}"},
+    train = {"max_steps": 30, "per_device_train_batch_size": 12, "gradient_accumulation_steps": 1,
+             "learning_rate": 5e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 10,
+             "report_to": ["none"], **train}
+    return load_recipe(None, {
+        "method": "contrastive", "model.name_or_path": f"builtin:{registry.get(family).tiny_name}",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "format": "caption"},
-        "train": {"max_steps": 30, "per_device_train_batch_size": 12, "gradient_accumulation_steps": 1,
-                  "learning_rate": 5e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "logging_steps": 10,
-                  "report_to": ["none"], **train},
-        "output_dir": str(out)})  # fmt: skip
+        "train": train, "output_dir": str(out)})  # fmt: skip
 
 
 @pytest.mark.slow
@@ -159,9 +159,9 @@ def test_a_short_run_raises_recall_and_changes_only_what_it_trains(family, shape
 def test_towers_vision_trains_no_text_weight(shapes_pairs, tmp_path):
     from vlmtune.contrastive.train import build_run
 
-    cr = _recipe("clip", shapes_pairs, tmp_path / "run")
-    cr.towers = "vision"
-    run = build_run(cr, tmp_path, log=lambda *a: None)
+    r = _recipe("clip", shapes_pairs, tmp_path / "run")
+    r.lora.towers = "vision"
+    run = build_run(r, tmp_path, log=lambda *a: None)
     names = [n for n, p in run.peft_model.named_parameters() if p.requires_grad]
     assert names and not [n for n in names if "text_model" in n or "text_projection" in n]
     assert any("vision_model" in n and "lora_" in n for n in names) and any("visual_projection" in n for n in names)
@@ -169,16 +169,22 @@ def test_towers_vision_trains_no_text_weight(shapes_pairs, tmp_path):
 
 
 def test_recipe_errors_name_each_field(tmp_path):
-    from vlmtune.config import RecipeError
-
+    """The contrastive section and lora.towers are fields of the one recipe: every problem at once, by field."""
     with pytest.raises(RecipeError) as e:
-        load_contrastive_recipe(raw={"model": {"name_or_path": "builtin:tiny-clip", "family": "qwen2_vl"},
-                                     "lora": {"towers": "all"}, "data": {"train": "x", "format": "messages"},
-                                     "train": {"resume_from_checkpoint": "latest"},
-                                     "contrastive": {"loss": "triplet"}}, check_paths=False)
-    text = str(e.value)
-    for field in ("model.family", "lora.towers", "data.format", "contrastive.loss", "train.resume_from_checkpoint"):
-        assert field in text
+        load_recipe(None, {"method": "contrastive", "model": {"name_or_path": "builtin:tiny-clip", "family": "qwen2_vl"},
+                           "lora": {"towers": "all"}, "data": {"train": "x", "format": "messages"},
+                           "train": {"resume_from_checkpoint": "latest", "eval_metrics": ["exact_match"]},
+                           "contrastive": {"loss": "triplet", "gather": "yes", "eval_batch_size": 0, "temp": 1}},
+                    check_paths=False)
+    lines = str(e.value).splitlines()[1:]
+    fields = {line.strip().removeprefix("- ").split(":")[0] for line in lines}
+    assert fields == {"model.family", "lora.towers", "data.format", "contrastive.loss", "contrastive.gather",
+                      "contrastive.eval_batch_size", "contrastive.temp", "train.resume_from_checkpoint",
+                      "train.eval_metrics"}, lines
+    assert "clip, siglip" in str(e.value)  # model.family lists the dual-encoder families
+    with pytest.raises(RecipeError, match="lora.towers: applies to method contrastive"):
+        load_recipe(None, {"model.name_or_path": "a/b", "data.train": "x", "lora.towers": "vision"},
+                    check_paths=False)
 
 
 @pytest.mark.slow
@@ -189,9 +195,9 @@ def test_qlora_trains_lora_over_4bit_towers(shapes_pairs, tmp_path):
 
     from vlmtune.contrastive.train import build_run
 
-    cr = _recipe("clip", shapes_pairs, tmp_path / "run", max_steps=6, logging_steps=1)
-    cr.recipe.quantization.mode = "4bit"
-    run = build_run(cr, tmp_path / "work", log=lambda *a: None)
+    r = _recipe("clip", shapes_pairs, tmp_path / "run", max_steps=6, logging_steps=1)
+    r.quantization.mode = "4bit"
+    run = build_run(r, tmp_path / "work", log=lambda *a: None)
     base = run.peft_model.get_base_model()
     assert isinstance(base.vision_model.encoder.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert not isinstance(base.visual_projection.original_module, bnb.nn.Linear4bit)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.test_contrastive_method import tiny_clip_recipe
 from vlmtune.cli import main
 from vlmtune.contrastive.pairs import make_shape_captions
 
@@ -13,14 +14,7 @@ from vlmtune.contrastive.pairs import make_shape_captions
 @pytest.mark.slow
 def test_train_recall_merge_index_search(tmp_path, capsys):
     data = make_shape_captions(tmp_path / "data", n_train=24, n_eval=6)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""method: contrastive
-model: {{name_or_path: "builtin:tiny-clip"}}
-lora: {{r: 4, alpha: 8, towers: vision}}
-data: {{train: {data}/train.jsonl, eval: {data}/eval.jsonl, format: caption}}
-train: {{max_steps: 4, per_device_train_batch_size: 6, gradient_accumulation_steps: 1, report_to: [none]}}
-output_dir: {tmp_path}/run
-""")
+    recipe = tiny_clip_recipe(tmp_path, data, lora="{r: 4, alpha: 8, towers: vision}", steps=4)
     assert main(["contrastive", "train", str(recipe), "train.learning_rate=1e-3"]) == 0
     assert "recall@1 image->text" in capsys.readouterr().out
     assert main(["contrastive", "train", str(recipe)]) == 2  # the folder holds a run: refused without --overwrite

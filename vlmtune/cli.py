@@ -59,7 +59,8 @@ def cmd_sft(args) -> int:
     m = result.metrics
     print(f"done: {m.get('global_step', '?')} steps, train loss {m.get('train_loss', float('nan')):.4f}, "
           f"{m.get('train_samples_per_second', 0):.2f} samples/s -> {result.output_dir}")
-    print(f"training curves: {result.output_dir / CURVES}")
+    if (result.output_dir / CURVES).is_file():
+        print(f"training curves: {result.output_dir / CURVES}")
     return 0
 
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
-        ("train", cmd_sft, "train a LoRA adapter from a recipe with its method (method: sft | dpo)"),
+        ("train", cmd_sft, "train a LoRA adapter from a recipe with its method (method: sft | dpo | contrastive)"),
         ("sft", cmd_sft, "train a LoRA adapter by supervised fine-tuning (method: sft)"),
         ("dpo", cmd_sft, "train a LoRA adapter by preference tuning on chosen/rejected pairs (method: dpo)"),
         ("validate", cmd_validate, "check a recipe, its model and every data row without training"),
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     from .embedding_cli import add_embedding_commands
 
-    add_embedding_commands(sub)
+    add_embedding_commands(sub, train_command=cmd_sft)
     return parser
 
 

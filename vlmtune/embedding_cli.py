@@ -6,23 +6,6 @@ import argparse
 import json
 
 
-def cmd_contrastive_train(args) -> int:
-    import os
-
-    from .contrastive.train import train_contrastive
-
-    out = train_contrastive(args.recipe, overrides=list(args.overrides), overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: the first process reports
-        return 0
-    results = json.loads((out / "train_results.json").read_text())
-    before, after = results.get("recall_before") or {}, results.get("recall") or {}
-    if after:
-        print(f"recall@1 image->text {before.get('i2t_r@1', 0):.3f} -> {after['i2t_r@1']:.3f}, "
-              f"text->image {before.get('t2i_r@1', 0):.3f} -> {after['t2i_r@1']:.3f}")
-    print(f"done: {results['global_step']} steps, train loss {results['train_loss']:.4f} -> {out}")
-    return 0
-
-
 def cmd_contrastive_recall(args) -> int:
     from .contrastive.evaluate import contrastive_recall, recall_table
 
@@ -58,14 +41,15 @@ def cmd_index_search(args) -> int:
     return 0
 
 
-def add_embedding_commands(sub) -> None:
+def add_embedding_commands(sub, train_command) -> None:
+    """`train_command`: the CLI's `vlmtune train` (cli.cmd_sft), which `vlmtune contrastive train` is a spelling of."""
     c = sub.add_parser("contrastive", help="contrastive LoRA of a CLIP / SigLIP model (method: contrastive)")
     csub = c.add_subparsers(dest="contrastive_command", required=True)
-    p = csub.add_parser("train", help="train a contrastive LoRA adapter from a recipe")
+    p = csub.add_parser("train", help="train a contrastive LoRA adapter from a recipe (as `vlmtune train` does)")
     p.add_argument("recipe", help="recipe YAML file (method: contrastive)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. train.max_steps=10")
     p.add_argument("--overwrite", action="store_true", help="replace a run in output_dir once the new one is complete")
-    p.set_defaults(func=cmd_contrastive_train)
+    p.set_defaults(func=train_command, method="contrastive")
     p = csub.add_parser("recall", help="recall@1/5/10 of an adapter beside its base model")
     p.add_argument("adapter", help="the run's output folder")
     p.add_argument("--data", help="caption data file (default: the run's data.eval)")

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from . import families
-from .config import FieldError, LoraConfig, QuantizationConfig, Recipe
+from .config import FieldError, LoraConfig, Recipe
 from .config.schema import switch
 from .errors import VlmtuneError
 from .families import Family
+from .quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repacking
+from .quantization import prepare_quantized, quantization_config
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -200,29 +202,6 @@ def pixel_bounds(processor, family: Family) -> dict | None:
     return {"min_pixels": low, "max_pixels": high}
 
 
-def quantization_config(q: QuantizationConfig, family: Family, zero_stage: int = 0):
-    """The bitsandbytes config of the recipe's quantization section (None: full precision); `zero_stage`: the
-    run's ZeRO stage (the plan's), which decides how the 4-bit weights are stored."""
-    if q.mode == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if q.mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.skip_quantization))
-    extra = {}
-    if zero_stage == 3:
-        # ZeRO-3 flattens and partitions the packed 4-bit weights with every other weight: same storage dtype
-        extra["bnb_4bit_quant_storage"] = getattr(torch, q.compute_dtype)
-    return BitsAndBytesConfig(
-        **extra,
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-        llm_int8_skip_modules=list(family.skip_quantization),
-    )
-
-
 def load_base_model(plan):
     """The plan's base model (`plan`: a preflight.Plan), in its runtime's dtype and attention, quantized as the
     recipe says. Under ZeRO-3 the weights are partitioned as they load: distributed.prepare_deepspeed_process
@@ -243,13 +222,6 @@ def load_base_model(plan):
     if quant is not None and runtime.device == "cpu":
         _disable_cpu_4bit_repacking(model)
     return model
-
-
-def _disable_cpu_4bit_repacking(model) -> None:
-    """bitsandbytes repacks 4-bit weights for its CPU kernel in eval mode, which breaks training afterwards."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def lora_targets(model, family: Family, lo: LoraConfig) -> str:
@@ -298,15 +270,6 @@ def attach_lora(model, plan):
                             modules_to_save=lo.modules_to_save or None, use_rslora=lo.use_rslora,
                             task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, config)
-
-
-def prepare_quantized(model, gradient_checkpointing: bool) -> None:
-    """Freeze a 4/8-bit model for LoRA training without PEFT's upcast of every unquantized layer to fp32,
-    which would double the memory and time of the bf16 vision tower for no gain in a frozen module."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()
 
 
 def trainable_report(model, family: Family) -> dict[str, tuple[int, int]]:

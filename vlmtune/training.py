@@ -281,6 +281,10 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
 
     if not is_main_process():  # only rank 0 reports
         log = _quiet
+    method = method_for(recipe.method)
+    if method.own_run:  # a model that is no VLM (a dual encoder): the method's own run, same recipe and folder rules
+        output_dir, metrics = method.run(recipe, log=log, overwrite=overwrite)
+        return TrainResult(Path(output_dir), metrics)
     log(f"output folder: {run_folder.output_path(recipe)}")
     folder, resume = checkpoints.folder_and_resume(recipe, overwrite, log)
     plan = plan_run(recipe)

@@ -88,7 +88,13 @@ def _files(n: int) -> str:
 
 def validate(recipe: Recipe, decode_images: bool = False) -> ValidationReport:
     """Read, check and format every row of every split (no weights loaded); `decode_images` decodes every
-    image in full, which also finds files whose header is fine but whose pixels are not."""
+    image in full, which also finds files whose header is fine but whose pixels are not. A method with its own
+    run (a dual encoder's) checks its recipe's model and rows itself."""
+    from .methods import get as method_for
+
+    method = method_for(recipe.method)
+    if method.own_run:
+        return method.check(recipe, decode_images=decode_images)
     _, family, formatter = formatting_for(recipe)
     splits, problems = check_data(recipe, family, formatter, "decode" if decode_images else None,
                                   find_shrinkable=True)

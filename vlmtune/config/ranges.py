@@ -74,4 +74,5 @@ BOUNDS = {  # every int and float field of the schema: tests/test_config.py fail
     "distributed.num_processes": COUNT, "distributed.num_nodes": COUNT, "distributed.node_rank": NON_NEGATIVE,
     "distributed.master_port": Bound(1, 65535, meaning="a TCP port"),
     "dpo.beta": POSITIVE, "dpo.sft_weight": Bound(0, meaning="0 adds no SFT term"),
+    "contrastive.eval_batch_size": COUNT,
 }

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from ..data.conversation import TrainOn
 from ..data.formats import FORMATS, PAIR_FORMATS
+from ..embedding.registry import LOSSES, TOWERS
+from ..methods.contrastive import ContrastiveConfig
 from ..methods.dpo import DPOConfig
 from ..reporting import default_report_to
 
@@ -41,6 +43,7 @@ class LoraConfig:
     train_projector: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    towers: str = "both"  # method contrastive: LoRA on both | vision | text tower of the dual encoder
 
 
 @dataclass
@@ -149,8 +152,9 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    method: str = "sft"  # the training method: a name in vlmtune.methods (sft | dpo); its section is named like it
+    method: str = "sft"  # the training method: a name in vlmtune.methods (sft | dpo | contrastive); its section is named like it
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     output_dir: str = "runs/vlmtune"
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -178,6 +182,8 @@ CHOICES = {
     "distributed.launcher": ("auto", "torchrun", "deepspeed", "accelerate"),
     "train.gradient_checkpointing": ("auto", "true", "false"),
     "train.liger_kernel": ("auto", "true", "false"),
+    "lora.towers": TOWERS,
+    "contrastive.loss": ("auto", *LOSSES),
 }
 ALIASES = {"train.cache_vision_features": {True: "true", False: "false"},
            "model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"},

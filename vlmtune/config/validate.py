@@ -51,10 +51,9 @@ def validate(recipe: Recipe, check_paths: bool = True) -> list[FieldError]:
     m, lo, d, t = recipe.model, recipe.lora, recipe.data, recipe.train
     need(bool(m.name_or_path), "model.name_or_path", "is required: a Hugging Face model id, a local model folder, "
          "or a built-in tiny model (builtin:tiny-qwen2-vl)")
-    from .. import families
-
-    need(m.family == "auto" or m.family in families.names(), "model.family",
-         f"must be auto or one of {', '.join(families.names())}, got {show(m.family)}")
+    known = _model_families(recipe.method)
+    need(m.family == "auto" or m.family in known, "model.family",
+         f"must be auto or one of {', '.join(known)}, got {show(m.family)}")
     need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
          "must name at least one module, or be left out for the family default")
     for prefix in ("", "video_"):  # image and per-frame video bounds
@@ -95,6 +94,14 @@ def _method_errors(recipe: Recipe, check_paths: bool) -> list[FieldError]:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return [FieldError("method", f"must be one of {', '.join(methods.names())}, got {show(recipe.method)}{hint}")]
     return [e for m in methods.METHODS.values() for e in m.validate(recipe, check_paths)]
+
+
+def _model_families(method: str) -> list[str]:
+    """The family names model.family may take under a method: its own (a dual encoder's), else the VLM families."""
+    from .. import families, methods
+
+    own = methods.get(method).model_families() if method in methods.names() else None
+    return own if own is not None else families.names()
 
 
 def _columns_errors(columns: object, fmt: str) -> list[FieldError]:

@@ -22,9 +22,14 @@ class Pair:
 
 def read_pairs(path, data) -> list[Pair]:
     """Every row of `path` as a Pair, read as `vlmtune eval` reads caption rows; VlmtuneError naming the rows that
-    have no single image."""
+    have no single image. `data`: the recipe's data section, or a saved recipe.yaml's data mapping."""
+    from types import SimpleNamespace
+
     from ..data.formats import reader_options
     from ..evaluation.rows import read_eval_rows
+
+    if isinstance(data, dict):
+        data = SimpleNamespace(**{"format": FORMAT, "image_root": None, **data})
 
     if data.format != FORMAT:
         raise VlmtuneError(f"data.format: contrastive training reads image-caption rows (format: {FORMAT}, with "

@@ -32,7 +32,7 @@ def load_base(name_or_path: str, dtype: torch.dtype | None = None, device: str |
     (4-bit: the towers' linear layers, the projections kept in full precision)."""
     from transformers import AutoProcessor
 
-    from ..modeling import _disable_cpu_4bit_repacking, quantization_config
+    from ..quantization import disable_cpu_4bit_repacking, quantization_config
 
     family = registry.for_model_type(model_type_of(name_or_path), where=str(name_or_path))
     path = tiny.resolve(name_or_path)
@@ -43,7 +43,7 @@ def load_base(name_or_path: str, dtype: torch.dtype | None = None, device: str |
         model = family.load_class().from_pretrained(path, dtype=dtype or torch.float32, quantization_config=quant,
                                                     device_map={"": device or "cpu"})
         if (device or "cpu") == "cpu":
-            _disable_cpu_4bit_repacking(model)
+            disable_cpu_4bit_repacking(model)
     processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor, family
 

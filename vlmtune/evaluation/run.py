@@ -30,6 +30,9 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
     "none" (the default for a full model). Returns an EvalResult (`.summary`, `.records`, `.render()`)."""
     if batch_size <= 0 or max_new_tokens <= 0 or bootstrap <= 0:
         raise VlmtuneError("batch_size, max_new_tokens and bootstrap must be positive")
+    method = _own_run_method(model)
+    if method is not None:  # a folder a method with its own run wrote (a dual encoder's): its own evaluation
+        return method.evaluate(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log)
     names = [metrics] if isinstance(metrics, str) else list(metrics or ["auto"])
     fmt, options = data_settings(model, data_format)
     chosen = resolve_metrics(names, fmt)
@@ -83,6 +86,16 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
         write_outputs(out, records, summary)
         log(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
     return EvalResult(summary, records, systems)
+
+
+def _own_run_method(model):
+    """The method that wrote the folder `model` (its vlmtune.json), when that method brings its own run; else None."""
+    from .. import methods
+    from ..run_metadata import read_metadata
+
+    name = read_metadata(Path(str(model))).get("method") if Path(str(model)).is_dir() else None
+    method = methods.METHODS.get(name) if isinstance(name, str) else None
+    return method if method is not None and method.own_run else None
 
 
 def _most_moved(comparisons):

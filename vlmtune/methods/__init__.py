@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .base import Method
+from .contrastive import Contrastive
 from .dpo import DPO
 from .sft import SFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (SFT(), DPO())}
+METHODS: dict[str, Method] = {m.name: m for m in (SFT(), DPO(), Contrastive())}
 
 
 def get(name: str) -> Method:

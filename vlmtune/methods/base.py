@@ -18,6 +18,9 @@ class Method:
     name: str = ""
     section: type | None = None  # the dataclass of its recipe section (the recipe field named like the method)
     uses_vision_cache: bool = True  # whether train.cache_vision_features applies to its batches
+    # a method whose model is no VLM (a dual encoder): it trains, validates and evaluates through its own `run`,
+    # `check` and `evaluate`; the shared run (training.py, preflight) assumes a VLM family and token examples
+    own_run: bool = False
 
     def settings(self, recipe):
         """The recipe's section of this method (None for a method without one)."""
@@ -27,6 +30,22 @@ class Method:
         """Problems with the recipe's section of this method, and, where the recipe names this method, with shared
         fields it cannot use; `check_paths`: also whether the files it names exist."""
         return []
+
+    def model_families(self) -> list[str] | None:
+        """The names model.family may take besides auto; None: the VLM families (vlmtune.families)."""
+        return None
+
+    def run(self, recipe, log=print, overwrite: bool = False) -> tuple[object, dict]:
+        """(output folder, metrics) of a whole run, for an `own_run` method."""
+        raise NotImplementedError
+
+    def check(self, recipe, decode_images: bool = False):
+        """`vlmtune validate` of an `own_run` method: a report with `ok`, `family` and `render()`."""
+        raise NotImplementedError
+
+    def evaluate(self, model, data, *, batch_size: int, out=None, overwrite: bool = False, log=print):
+        """`vlmtune eval` of a folder an `own_run` method wrote: a result with `summary` and `render()`."""
+        raise NotImplementedError
 
     def init_adapter(self, recipe) -> str | None:
         """An adapter folder training starts from (loaded trainable), None for a fresh LoRA adapter."""

@@ -1,0 +1,76 @@
+"""Contrastive LoRA of a dual encoder (CLIP / SigLIP, vlmtune/embedding): image-caption pairs, the family's
+contrastive loss over in-batch negatives. Its model is no VLM, so it brings its own run (vlmtune/contrastive/)
+instead of the shared one; its recipe is the shared recipe with `method: contrastive`, the `contrastive:`
+section and `lora.towers`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..embedding import registry
+from ..errors import FieldError
+from .base import Method
+
+FORMAT = "caption"
+
+
+@dataclass
+class ContrastiveConfig:
+    """The recipe's `contrastive:` section."""
+
+    loss: str = "auto"  # auto (the family's: clip infonce, siglip sigmoid) | infonce | sigmoid
+    gather: bool = True  # in-batch negatives from every process (embeddings gathered with their gradients)
+    eval_batch_size: int = 64  # images (texts) embedded at a time for recall@k
+
+
+class Contrastive(Method):
+    name = "contrastive"
+    section = ContrastiveConfig
+    uses_vision_cache = False
+    own_run = True
+
+    def model_families(self):
+        return registry.names()
+
+    def validate(self, recipe, check_paths=True) -> list[FieldError]:
+        if recipe.method != self.name:
+            if recipe.lora.towers != "both":
+                return [FieldError("lora.towers", f"applies to method contrastive (dual encoders) only; remove it "
+                                   f"for method {recipe.method}")]
+            return []
+        errs, t = [], recipe.train
+
+        def refuse(cond: bool, path: str, message: str) -> None:
+            if cond:
+                errs.append(FieldError(path, message))
+
+        refuse(recipe.data.format != FORMAT, "data.format", "must be caption for method contrastive (image-caption "
+               f"rows; data.columns maps image and caption to your columns), got {recipe.data.format!r}")
+        refuse(recipe.quantization.mode == "8bit", "quantization.mode", "8bit is not supported for method "
+               "contrastive; use 4bit (QLoRA) or none")
+        refuse(t.packing, "train.packing", "does not apply to method contrastive (no token sequences); remove it")
+        refuse(bool(t.resume_from_checkpoint), "train.resume_from_checkpoint", "method contrastive writes no "
+               "checkpoints yet (a run is minutes at base size): remove it and rerun")
+        refuse(bool(t.eval_metrics), "train.eval_metrics", "does not apply to method contrastive (its evaluation "
+               "logs recall@1/5/10 on data.eval); leave it empty")
+        refuse(t.best_metric is not None, "train.best_metric", "does not apply to method contrastive (it keeps no "
+               "checkpoints; the final adapter is the last step's); remove it")
+        refuse(recipe.distributed.deepspeed != "none", "distributed.deepspeed", "is not wired for method "
+               "contrastive yet: use several processes without DeepSpeed (torchrun; the negatives are gathered "
+               "across them)")
+        return errs
+
+    def run(self, recipe, log=print, overwrite=False):
+        from ..contrastive.train import run_contrastive
+
+        return run_contrastive(recipe, overwrite=overwrite, log=log)
+
+    def check(self, recipe, decode_images=False):
+        from ..contrastive.check import check_pairs
+
+        return check_pairs(recipe, decode_images=decode_images)
+
+    def evaluate(self, model, data, *, batch_size, out=None, overwrite=False, log=print):
+        from ..contrastive.evaluate import evaluate_recall
+
+        return evaluate_recall(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log)
