@@ -35,6 +35,16 @@ def test_the_registry_holds_contrastive_with_its_own_run():
     assert methods.get("sft").model_families() is None  # the VLM families
 
 
+def test_inspect_refuses_a_contrastive_recipe_by_name():
+    import vlmtune
+    from vlmtune.config import load_recipe
+
+    recipe = load_recipe(None, {"method": "contrastive", "model.name_or_path": "builtin:tiny-clip",
+                                "data.train": "x.jsonl", "data.format": "caption"}, check_paths=False)
+    with pytest.raises(vlmtune.VlmtuneError, match="method contrastive does not build.*vlmtune validate"):
+        vlmtune.inspect(recipe)
+
+
 @pytest.mark.slow
 def test_train_validate_eval_a_tiny_clip_recipe(tmp_path, capsys):
     data = make_shape_captions(tmp_path / "data", n_train=12, n_eval=6)

@@ -20,6 +20,11 @@ HTML_SIDES = {"chosen": "background:#c8f7c5", "rejected": "background:#f7c5c5"}
 
 def inspect_recipe(recipe: Recipe, num: int = 3, index: int | None = None, split: str = "train"):
     """`inspect` for any recipe: an Inspection of examples, or a PairInspection for a preference data.format."""
+    from .methods import get as method_for
+
+    if method_for(recipe.method).own_run:
+        raise VlmtuneError(f"inspect shows formatted token sequences, which method {recipe.method} does not build "
+                           f"(its model is no VLM); `vlmtune validate {recipe.source or 'RECIPE'}` checks its rows")
     if is_pair_format(recipe.data.format):
         return inspect_pairs(recipe, num, index, split)
     return inspect(recipe, num=num, index=index, split=split)
