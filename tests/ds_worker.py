@@ -9,7 +9,7 @@ process). In each process it records, under $VLMTUNE_PROBE_DIR:
 - logits.pt (rank 0): logits of the in-training model on fixed token ids, computed by every rank
   together right before the adapter is gathered and saved;
 - in rank<N>.json also: how many rows this rank formatted and prepared-data entries it stored, a digest of
-  the training examples it holds, and the trainer's log history.
+  the training examples it holds, the trainer's log history and its vision cache's counts.
 Probe options (environment): VLMTUNE_PROBE_SEQUENTIAL=1 feeds rows in file order (so the test data decides
 which rank gets a text-only batch); VLMTUNE_PROBE_NO_DUMMY=1 leaves the dummy image out (shows the trap).
 """
@@ -88,6 +88,7 @@ def install_probes(probe_dir: Path) -> None:
         from transformers.integrations.deepspeed import deepspeed_config
 
         record["log_history"] = hooks["trainer"].state.log_history if hooks.get("trainer") else []
+        record["vision_cache"] = hooks["trainer"].vision_cache.metrics() if hooks.get("trainer") else {}
         record["distributed_type"] = str(AcceleratorState().distributed_type)
         record["ds_config"] = deepspeed_config()
         (probe_dir / f"rank{rank}.json").write_text(json.dumps(record))

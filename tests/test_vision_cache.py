@@ -393,7 +393,7 @@ def test_true_is_refused_where_it_cannot_work(mixed_data, tmp_path):
     plain = recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.cache_vision_features": "true"})
     assert problems(plain, family, zero_stage=0, world_size=1) == []
     assert "ZeRO-3" in str(problems(plain, family, zero_stage=3, world_size=2)[0])
-    assert "several processes" in str(problems(plain, family, zero_stage=2, world_size=2)[0])
+    assert problems(plain, family, zero_stage=2, world_size=2) == []  # rank 0 builds it: tests/test_distributed_vision_cache.py
     plain.lora.modules_to_save = ["merger"]
     assert "modules_to_save trains merger" in str(problems(plain, family, zero_stage=0, world_size=1)[0])
     with pytest.raises(vlmtune.RecipeError, match="train.cache_vision_features: must be one of auto, true, false"):

@@ -53,9 +53,7 @@ def unsupported(recipe, family, zero_stage: int, world_size: int) -> str:
             return f"lora.modules_to_save trains {name}, part of the vision side"
     if zero_stage == 3:
         return "ZeRO-3 partitions the vision tower, which every rank then runs in every step"
-    if world_size > 1:
-        return "it is built by a single process; several processes are not supported yet"
-    return ""
+    return ""  # several processes (DDP, ZeRO-1/2): rank 0 builds the cache, every rank reads it
 
 
 def problems(recipe, family, zero_stage: int, world_size: int) -> list[FieldError]:

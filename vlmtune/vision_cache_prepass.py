@@ -20,7 +20,9 @@ import torch
 from .data.collator import collator_for
 from .data.dataset import to_dataset
 from .disk import check_space, human_size
+from .distributed.zero3 import VisionInStep
 from .errors import VlmtuneError
+from .main_decides import decided_by_main
 from .vision_cache import (
     FIELD,
     LIMIT_VARIABLE,
@@ -113,15 +115,45 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# what rank 0 decides and builds and every rank then uses
+_SHARED = ("on", "reason", "train_keys", "eval_keys", "hits", "misses", "rebuilt", "written_bytes", "bad")
+
+
 def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache:
     """Decide whether the run uses the cache (one log line says so and why) and, if it does, build what is
-    missing. Counts vision tower calls from here on either way."""
+    missing. Counts vision tower calls from here on either way. With several processes rank 0 builds the cache
+    (the pre-pass) while the others wait, then every rank reads the same folder."""
     calls = VisionCalls(model, plan.family)
     on, reason = decide(plan, report)
     log(f"vision feature cache: {'on' if on else 'off'} ({reason})")
     cache = VisionCache(on, reason, calls)
     if not on:
         return cache
+    shared = decided_by_main(lambda: _build(model, plan, cache, workers, log), cuda=not plan.recipe.train.use_cpu)
+    for name in _SHARED:
+        setattr(cache, name, shared[name])
+    cache.store = FeatureStore(Path(shared["folder"]))
+    if cache.on:
+        _without_dummy_image(model)
+    return cache
+
+
+def _without_dummy_image(model) -> None:
+    """Take out the dummy image that keeps several processes' vision towers in step (distributed/zero3.py,
+    installed for every run of more than one process): with the vision side frozen and cached no rank runs the
+    tower and no rank has a vision gradient to reduce, but the dummy would run it on every text-only batch. (Under
+    ZeRO-3, which partitions the tower, the cache is refused.) torch lists a module's hooks nowhere else."""
+    base = _base(model)
+    for hooks in (base._forward_pre_hooks, base._forward_hooks):
+        for hook in list(hooks.values()):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, VisionInStep):
+                owner.remove()
+
+
+def _build(model, plan, cache: VisionCache, workers: int, log) -> dict:
+    """The entry keys, the pre-pass of what is missing, pruning; what every rank needs of the outcome."""
+    calls = cache.calls
     key, described = model_key(plan)
     cache.store = store = FeatureStore(cache_root() / key)
     _describe(store.folder, described)
@@ -144,6 +176,10 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
     unique = {k for k in cache.train_keys + cache.eval_keys if k}
     cache.misses = len(todo)
     cache.hits = len(unique) - cache.misses
+
+    def shared() -> dict:
+        return {**{n: getattr(cache, n) for n in _SHARED}, "folder": str(store.folder)}
+
     if todo:
         before = calls.calls
         try:
@@ -153,13 +189,13 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
                 raise VlmtuneError(f"{FIELD}: {e}; raise ${LIMIT_VARIABLE} or set {FIELD}: false") from None
             cache.on, cache.reason = False, str(e)
             log(f"vision feature cache: off ({e}; raise ${LIMIT_VARIABLE} to cache them)")
-            return cache
+            return shared()
         finally:
             cache.prepass_calls = calls.calls - before
     log(f"vision feature cache: {cache.hits} entries reused, {cache.misses} computed ({store.folder})")
     if cache.written_bytes:
         prune(cache_root(), {store.path(k) for k in unique}, limit_bytes(), log)
-    return cache
+    return shared()
 
 
 class _OverLimit(Exception):
