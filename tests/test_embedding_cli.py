@@ -23,6 +23,11 @@ def test_train_recall_merge_index_search(tmp_path, capsys):
     side = json.loads(capsys.readouterr().out)
     assert set(side) == {"base", "adapter"} and "t2i_r@10" in side["adapter"]
     assert main(["contrastive", "merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "merged"), "--data", str(data / "eval.jsonl")]) == 0  # beside its base
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:3]] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["t2i_r@10"] == pytest.approx([side["base"]["t2i_r@10"], side["adapter"]["t2i_r@10"]], abs=1e-3)
+    assert rows["i2t_r@1"] == pytest.approx([side["base"]["i2t_r@1"], side["adapter"]["i2t_r@1"]], abs=1e-3)
     assert main(["index", "build", "--model", str(tmp_path / "merged"), "--images", str(data / "eval.jsonl"),
                  "--out", str(tmp_path / "ix"), "--no-progress"]) == 0
     capsys.readouterr()

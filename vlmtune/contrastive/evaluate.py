@@ -16,9 +16,11 @@ from .recall import pair_recall
 
 
 def _saved_data(folder: Path) -> dict:
-    """The run's data section as its recipe.yaml recorded it."""
+    """The run's data section as its recipe.yaml recorded it ({} for a merged folder, which has none)."""
     import yaml
 
+    if not (folder / "recipe.yaml").exists():
+        return {}
     try:
         saved = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -42,7 +44,8 @@ def _pairs(folder: Path, data, image_root: str | None):
         settings = {**settings, "image_root": image_root}
     path = data or settings.get("eval")
     if not path:
-        raise VlmtuneError(f"{folder}'s recipe has no data.eval; give the caption data to evaluate on (--data)")
+        raise VlmtuneError(f"{folder} records no data.eval (a merged folder keeps no recipe.yaml); give the caption "
+                           "data to evaluate on (--data)")
     return read_pairs(path, settings)
 
 
