@@ -153,3 +153,20 @@ def test_the_trainer_switch_gives_the_sft_trainers_loss_from_labelled_rows_only(
     assert not rows and zero3 == pytest.approx(losses[False], rel=1e-6)
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert trainer._metrics["train"]["mean_token_accuracy"]
+
+
+def test_a_ddp_wrapped_model_gives_the_same_loss(model_dir, processor_for, images, tmp_path):
+    """Plain DDP (torchrun without DeepSpeed) hands the trainer a DistributedDataParallel wrapper."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    family, batch, _ = _batches(FAMILIES[0], processor_for, images)
+    model = _lora_model(family, model_dir)
+    plain = supervised_loss(model, batch)[0].item()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert not hasattr(wrapped, "get_output_embeddings")
+        assert supervised_loss(wrapped, batch)[0].item() == pytest.approx(plain, rel=1e-6)
+    finally:
+        dist.destroy_process_group()

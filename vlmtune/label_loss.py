@@ -36,7 +36,7 @@ def supervised_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = C
 
     `model` may be PEFT-wrapped; `outputs` is the model's own output (its logits empty), for e.g. an aux loss."""
     labels = inputs["labels"]
-    head = model.get_output_embeddings()
+    head = unwrapped(model).get_output_embeddings()
     kept: list[torch.Tensor] = []
 
     def keep_hidden(_module, args):
@@ -68,6 +68,14 @@ def supervised_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = C
     return loss, {"count": count, "correct": correct, "entropy": entropy}, outputs
 
 
+def unwrapped(model):
+    """The model under a DistributedDataParallel-style wrapper (`.module`), which has no get_output_embeddings;
+    the forward still runs through the wrapper, which synchronises the gradients."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _partitioned(module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions this module's weight (it is gathered only inside its forward)."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
@@ -87,7 +95,7 @@ class LabelOnlyLoss:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (not self.loss_on_labels_only or return_outputs or self.compute_loss_func is not None
                 or self.label_smoother is not None or getattr(self.args, "loss_type", "nll") != "nll"
-                or _partitioned(model.get_output_embeddings())):
+                or _partitioned(unwrapped(model).get_output_embeddings())):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
