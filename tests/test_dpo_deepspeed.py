@@ -1,0 +1,105 @@
+"""DPO under DeepSpeed on CPU processes (torchrun, gloo, DeepSpeed's CPU accelerator): ZeRO-2 on 2 processes logs
+the losses, rewards and margins a single process logs on the same global batches and writes an adapter that reloads
+to the in-training logits; ZeRO-3 keeps the vision tower in step when one rank's pairs have no image, and its
+reference (the adapter disabled) runs on the partitioned weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from .test_deepspeed import ROOT, SHAPES, assert_adapter_reloads_with_training_logits, shm_op_built  # noqa: F401
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.usefixtures("shm_op_built")  # DeepSpeed's CPU op built once, before the ranks start
+
+# rows in file order; 2 ranks x 2 pairs a step, sequential sampling: step 1 gives rank 0 two pairs with an image
+# and rank 1 two text-only pairs, step 2 the reverse; one process with 4 pairs a step sees the same global batches
+PATTERN = "IITTTTII"
+LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+          "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    plain = iter((SHAPES / "preference-train.jsonl").read_text().splitlines())
+    lines = []
+    for i, c in enumerate(PATTERN):
+        row = json.loads(next(plain))
+        if c == "I":
+            prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+            lines.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"],
+                          "images": [row["image"]]})
+        else:
+            lines.append({"prompt": f"Name shape {i}.", "chosen": f"Shape {i} is a square.",
+                          "rejected": f"Shape {i} is a cloud."})
+    path = tmp_path_factory.mktemp("dpo-mp") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def run_dpo(tmp_path, data, *overrides, per_device=2, single=False, timeout=240):
+    import subprocess
+    import sys
+
+    from vlmtune.demo import builtin_model_path
+    from vlmtune.distributed import free_port
+
+    builtin_model_path("tiny-qwen2-vl")  # built once here, not by two ranks at once
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    (tmp_path / "recipe.yaml").write_text(
+        "model: {name_or_path: 'builtin:tiny-qwen2-vl'}\nmethod: dpo\ndpo: {beta: 0.1}\n"
+        f"data: {{train: '{data}', image_root: '{SHAPES}', format: preference, max_pixels: 12544, num_workers: 0}}\n"
+        "lora: {dropout: 0.0}\n"
+        f"train: {{max_steps: 2, per_device_train_batch_size: {per_device}, gradient_accumulation_steps: 1, "
+        "learning_rate: 0.01, warmup_ratio: 0.0, logging_steps: 1, save_steps: 1000, use_cpu: true, "
+        "gradient_checkpointing: false}\n"
+        f"output_dir: '{out}'\n")
+    env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if single:  # one process seen as launched (so the worker's probes record it), no DeepSpeed
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), "dpo", str(tmp_path / "recipe.yaml"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
+    return proc, out, probe, ranks
+
+
+def logged(rank: dict) -> list[dict]:
+    return [{k: h[k] for k in LOGGED} for h in rank["log_history"] if "rewards/margins" in h]
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_log_what_one_process_logs(pair_data, tmp_path):
+    proc, out, probe, ranks = run_dpo(tmp_path / "two", pair_data, "distributed.deepspeed=zero2",
+                                      "distributed.num_processes=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "torch.distributed.run" in proc.stderr and proc.stdout.count("saved adapter") == 1
+    assert len(ranks) == 2 and all(r["world_size"] == 2 and r["ds_config"]["zero_optimization"]["stage"] == 2
+                                   for r in ranks)
+    # per step the reference forward (adapter disabled), then the policy's: a text-only step on each rank
+    assert [r["forwards"] for r in ranks] == [[True, True, False, False], [False, False, True, True]]
+    assert all(r["dummy_calls"] >= 1 for r in ranks)
+    one_proc, one_out, _, one = run_dpo(tmp_path / "one", pair_data, per_device=4, single=True)
+    assert one_proc.returncode == 0, one_proc.stdout[-3000:] + one_proc.stderr[-6000:]
+    two_logs, one_logs = logged(ranks[0]), logged(one[0])
+    assert len(two_logs) == len(one_logs) == 2
+    for a, b in zip(two_logs, one_logs, strict=True):
+        for k in LOGGED:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, two_logs, one_logs)
+    assert two_logs[1]["rewards/margins"] != 0.0  # the second step's policy moved away from the reference
+    meta = json.loads((out / "vlmtune.json").read_text())
+    assert meta["method"] == "dpo" and meta["distributed"] == {"deepspeed": "zero2", "world_size": 2}
+    assert_adapter_reloads_with_training_logits(out, probe)
+    from safetensors.torch import load_file
+
+    two_w, one_w = load_file(out / "adapter_model.safetensors"), load_file(one_out / "adapter_model.safetensors")
+    assert two_w.keys() == one_w.keys()
+    for k in two_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=1e-3, atol=1e-5)
