@@ -103,3 +103,18 @@ def test_zero2_two_processes_log_what_one_process_logs(pair_data, tmp_path):
     assert two_w.keys() == one_w.keys()
     for k in two_w:
         torch.testing.assert_close(two_w[k], one_w[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_reference_and_dummy_image_on_partitioned_weights(pair_data, tmp_path):
+    """The reference pass (adapter disabled) and the policy pass each gather the partitioned weights; the rank
+    whose pairs have no image runs the dummy image in both, so the ranks' collectives stay in step."""
+    proc, out, probe, ranks = run_dpo(tmp_path, pair_data, "distributed.deepspeed=zero3",
+                                      "distributed.num_processes=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert len(ranks) == 2 and all(r["zero3"] and r["world_size"] == 2 for r in ranks)
+    assert [r["forwards"] for r in ranks] == [[True, True, False, False], [False, False, True, True]]
+    assert all(r["dummy_calls"] >= 2 for r in ranks)  # the reference's and the policy's forward
+    logs = logged(ranks[0])
+    assert len(logs) == 2 and logs[0]["rewards/margins"] == 0.0 and logs[1]["rewards/margins"] != 0.0
+    assert_adapter_reloads_with_training_logits(out, probe)
