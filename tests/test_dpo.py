@@ -173,6 +173,21 @@ def test_steps_raise_the_margin_change_only_lora_and_merge(setup, tmp_path):
     assert isinstance(reply[0]["prediction"], str)
 
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_raises_the_margin_in_a_few_steps(family, tmp_path):
+    """fp32 LoRA, 3 steps on the four pairs: the chosen-minus-rejected margin rises from 0 and only LoRA moves."""
+    plan = dpo_plan(tmp_path, family, **{"model.dtype": "float32", "train.max_steps": 3,
+                                         "train.learning_rate": 5e-3})
+    trainer, _ = build_trainer(plan, tmp_path / "ckpt", log=lambda *_: None)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "rewards/margins" in h)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert _trainer_metrics(trainer, _batch(trainer))["rewards/margins"] > 0.01
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+
 @pytest.mark.parametrize("setup", ["fp32-lora", "4bit-qlora"])
 def test_starting_from_an_sft_adapter(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
