@@ -12,6 +12,8 @@ pytest.importorskip("deepspeed")
 from .test_bad_samples import truncate  # noqa: E402
 from .test_deepspeed import SHAPES, run_worker, shm_op_built  # noqa: E402, F401 (a fixture)
 
+pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
+
 
 def two_rank_data(folder: Path, bad: list[int]) -> Path:
     """12 one-image rows; rows at the 0-based indices in `bad` have lost their pixels (their headers still read).

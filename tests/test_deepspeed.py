@@ -18,6 +18,8 @@ import vlmtune
 from vlmtune.distributed import deepspeed as dsc
 from vlmtune.modeling import Runtime
 
+pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
 SHIPPED = ROOT / "recipes" / "deepspeed"

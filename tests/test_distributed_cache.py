@@ -20,6 +20,8 @@ from vlmtune.data.packing import pack_bins
 
 from .test_deepspeed import SHAPES, run_worker, shm_op_built  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
+
 pytest.importorskip("deepspeed")
 
 BINS = 4  # 2 ranks x 2 micro-batches of one bin

@@ -11,6 +11,8 @@ import pytest
 
 from .test_deepspeed import SHAPES, TEXT_ONLY, run_worker, shm_op_built  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
+
 pytest.importorskip("deepspeed")
 
 # 2 ranks x 2 rows a step, rows in file order: step 1 gives rank 1 a text-only batch, step 2 the same to rank 0

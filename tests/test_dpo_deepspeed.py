@@ -14,7 +14,8 @@ import torch
 from .test_deepspeed import ROOT, SHAPES, assert_adapter_reloads_with_training_logits, shm_op_built  # noqa: F401
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.usefixtures("shm_op_built")  # DeepSpeed's CPU op built once, before the ranks start
+pytestmark = [pytest.mark.usefixtures("shm_op_built"),  # DeepSpeed's CPU op built once, before the ranks start
+              pytest.mark.multiprocess]  # several processes: make test-multiprocess
 
 # rows in file order; 2 ranks x 2 pairs a step, sequential sampling: step 1 gives rank 0 two pairs with an image
 # and rank 1 two text-only pairs, step 2 the reverse; one process with 4 pairs a step sees the same global batches
