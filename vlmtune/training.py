@@ -170,7 +170,7 @@ def _policy(plan: Plan, make_args, init_adapter: str | None, log):
     kernels = apply_liger_kernels(model, plan, log)  # before LoRA wraps the layers liger patches
     model = attach_lora(model, plan) if init_adapter is None else load_trainable_adapter(model, plan, init_adapter, log)
     if plan.zero_stage == 3 or plan.world_size > 1:  # every rank runs the vision tower once per forward
-        keep_vision_in_step(model, plan.family, plan.processor)
+        model.vlmtune_vision_in_step = keep_vision_in_step(model, plan.family, plan.processor)
     report = trainable_report(model, plan.family)
     log(format_report(report))
     if sum(t for t, _ in report.values()) == 0:

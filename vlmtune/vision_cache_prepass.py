@@ -20,7 +20,6 @@ import torch
 from .data.collator import collator_for
 from .data.dataset import to_dataset
 from .disk import check_space, human_size
-from .distributed.zero3 import VisionInStep
 from .errors import VlmtuneError
 from .main_decides import decided_by_main
 from .vision_cache import (
@@ -139,16 +138,14 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
 
 
 def _without_dummy_image(model) -> None:
-    """Take out the dummy image that keeps several processes' vision towers in step (distributed/zero3.py,
-    installed for every run of more than one process): with the vision side frozen and cached no rank runs the
-    tower and no rank has a vision gradient to reduce, but the dummy would run it on every text-only batch. (Under
-    ZeRO-3, which partitions the tower, the cache is refused.) torch lists a module's hooks nowhere else."""
-    base = _base(model)
-    for hooks in (base._forward_pre_hooks, base._forward_hooks):
-        for hook in list(hooks.values()):
-            owner = getattr(hook, "__self__", None)
-            if isinstance(owner, VisionInStep):
-                owner.remove()
+    """Take out the dummy image that keeps several processes' vision towers in step (distributed/zero3.py, kept on
+    the model by training.py for every run of more than one process): with the vision side frozen and cached no
+    rank runs the tower and no rank has a vision gradient to reduce, but the dummy would run it on every text-only
+    batch. (Under ZeRO-3, which partitions the tower, the cache is refused.)"""
+    in_step = getattr(model, "vlmtune_vision_in_step", None)
+    if in_step is not None:
+        in_step.remove()
+        model.vlmtune_vision_in_step = None
 
 
 def _build(model, plan, cache: VisionCache, workers: int, log) -> dict:
