@@ -93,8 +93,9 @@ class RecallResult:
 
 
 def evaluate_recall(model, data, *, batch_size: int = 64, out=None, overwrite: bool = False,
-                    image_root: str | None = None, log=print) -> RecallResult:
-    """contrastive_recall on `data`, with its counts; `out`: summary.json and one record per system there."""
+                    image_root: str | None = None, log=print, **ignored) -> RecallResult:
+    """contrastive_recall on `data`, with its counts; `out`: summary.json and one record per system there.
+    `ignored`: evaluation.run.evaluate's other options, which do not apply here yet."""
     from ..evaluation.outputs import MARK, check_out, write_outputs
 
     out = Path(out) if out is not None else None

@@ -32,7 +32,9 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
         raise VlmtuneError("batch_size, max_new_tokens and bootstrap must be positive")
     method = _own_run_method(model)
     if method is not None:  # a folder a method with its own run wrote (a dual encoder's): its own evaluation
-        return method.evaluate(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log)
+        return method.evaluate(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log,
+                               metrics=metrics, against=against, data_format=data_format, image_root=image_root,
+                               base=base, seed=seed, bootstrap=bootstrap, dtype=dtype, progress=progress)
     names = [metrics] if isinstance(metrics, str) else list(metrics or ["auto"])
     fmt, options = data_settings(model, data_format)
     chosen = resolve_metrics(names, fmt)

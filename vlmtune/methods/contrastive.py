@@ -70,7 +70,8 @@ class Contrastive(Method):
 
         return check_pairs(recipe, decode_images=decode_images)
 
-    def evaluate(self, model, data, *, batch_size, out=None, overwrite=False, log=print):
+    def evaluate(self, model, data, *, batch_size, out=None, overwrite=False, log=print, **options):
+        """`vlmtune eval` of a contrastive run's folder; `options`: the rest of evaluation.run.evaluate's arguments."""
         from ..contrastive.evaluate import evaluate_recall
 
-        return evaluate_recall(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log)
+        return evaluate_recall(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log, **options)
