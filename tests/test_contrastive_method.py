@@ -66,7 +66,7 @@ def test_train_validate_eval_a_tiny_clip_recipe(tmp_path, capsys):
     assert main(["eval", str(run), "--data", str(data / "eval.jsonl"), "--out", str(tmp_path / "ev")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("image<->text retrieval on") and "6 images, 18 captions" in table[0]
-    assert table[1].split() == ["metric", "base", "adapter", "delta"]
+    assert table[1].split() == ["metric", "base", "adapter", "delta", "95%", "CI"]
     assert [line.split()[0] for line in table[2:]] == [f"{d}_r@{k}" for k in (1, 5, 10) for d in ("i2t", "t2i")]
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["recall"]["adapter"] == pytest.approx(saved["recall"])

@@ -1,5 +1,6 @@
 """predict --retrieve: the index's top-k images for the question are the prompt's images, in rank order and
-formatted as a row with those images; the CLI prints them with their scores; refusals name the fix."""
+formatted as a row with those images; the CLI prints them with their scores; refusals name the fix (a data file's
+rows: tests/test_retrieval_data.py)."""
 
 from __future__ import annotations
 
@@ -124,8 +125,8 @@ def test_more_images_than_max_length_holds_suggests_the_k_that_fits(index_dir, l
     assert len(record["retrieved"]) == 2
 
 
-def test_retrieve_takes_no_image_or_data_file_and_k_needs_it(index_dir, vlm_never_loads):
-    with pytest.raises(VlmtuneError, match="--retrieve goes with --prompt"):
+def test_retrieve_takes_no_image_and_k_needs_it(index_dir, vlm_never_loads):
+    with pytest.raises(VlmtuneError, match="--retrieve finds the prompt's images itself: drop --image"):
         vlmtune.predict(VLM, images=[load_index(index_dir).paths[0]], prompt=QUESTION, retrieve=index_dir)
     with pytest.raises(VlmtuneError, match="give --retrieve INDEX with it"):
         vlmtune.predict(VLM, prompt=QUESTION, k=2)

@@ -118,6 +118,8 @@ def cmd_predict(args) -> int:
         if not args.out:
             for r in records:
                 print(f"{r['source']}: {r['prediction']}")
+                if "retrieved" in r:
+                    print("  retrieved: " + ", ".join(f"{h['path']} ({h['score']:.4f})" for h in r["retrieved"]))
     return 0
 
 
@@ -133,21 +135,25 @@ def cmd_eval(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a model or adapter on a data file, side by side with its base model")
-    p.add_argument("model", help="adapter folder, merged model folder, or model id/folder")
+    p = sub.add_parser("eval", help="score a model or adapter on a data file, side by side with its base model "
+                                    "(a CLIP / SigLIP model or adapter: image<->text recall@k)")
+    p.add_argument("model", help="adapter folder, merged model folder, or model id/folder (a VLM, or a dual "
+                                 "encoder: CLIP / SigLIP folder, builtin:tiny-clip, contrastive adapter)")
     p.add_argument("--data", required=True, help="data file (see --format) whose rows end in the reference answer")
     p.add_argument("--format", choices=FORMATS,
                    help="data format of --data (default: the one the adapter was trained on, else messages)")
     p.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
     p.add_argument("--metric", action="append", metavar="NAME",
-                   help="metric to score (repeatable; default auto: chosen from the data format)")
+                   help="metric to score (repeatable; default auto: chosen from the data format; a dual "
+                        "encoder: recall@K, default recall@1, recall@5 and recall@10)")
     p.add_argument("--against", help="base (default for an adapter: its bare base model, in the same run), "
                                      "a model or adapter folder to compare with, or none")
     p.add_argument("--out", help="folder for predictions.jsonl and summary.json (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier eval in --out")
     p.add_argument("--base", help="base model for an adapter folder (default: from its vlmtune.json)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="rows generated (a dual encoder: images / captions embedded) "
+                                                  "at a time (default 8; a dual encoder: 64)")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply generated (default 64; not for a dual encoder)")
     p.add_argument("--seed", type=int, default=0, help="generation seed and bootstrap seed")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the Δ intervals")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
@@ -173,7 +179,8 @@ def _add_merge_and_predict(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file for --prompt (repeatable)")
     p.add_argument("--prompt", help="the user's question")
     p.add_argument("--retrieve", metavar="INDEX", help="image index (`vlmtune index build`): its top -k images for "
-                                                       "the --prompt's text are the prompt's images")
+                                                       "the --prompt's text are the prompt's images (with --data: "
+                                                       "each row's, for its question, rows without images)")
     p.add_argument("-k", type=int, help="how many images --retrieve gives the prompt (default 4)")
     p.add_argument("--data", help="data file (any data format, see --format) or dataset_info.json#name: one prediction per row")
     p.add_argument("--out", help="write predictions as JSONL here (as they come, to <out>.partial until done)")

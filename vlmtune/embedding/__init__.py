@@ -16,12 +16,12 @@ from .encode import (
            text_features,
            text_inputs,
 )
-from .load import is_adapter, load_embedding_model
+from .load import dual_encoder_family, is_adapter, load_embedding_model
 from .registry import EmbeddingFamily
 from .tiny import build_tiny_dir, builtin_path
 
 registry._register_modules()
 
-__all__ = ["EmbeddingFamily", "build_tiny_dir", "builtin_path", "embed_images", "embed_texts", "family_of",
-           "image_features", "image_inputs", "is_adapter", "load_embedding_model", "registry", "text_features",
-           "text_inputs"]
+__all__ = ["EmbeddingFamily", "build_tiny_dir", "builtin_path", "dual_encoder_family", "embed_images", "embed_texts",
+           "family_of", "image_features", "image_inputs", "is_adapter", "load_embedding_model", "registry",
+           "text_features", "text_inputs"]

@@ -26,6 +26,29 @@ def model_type_of(name_or_path: str) -> str:
         raise VlmtuneError(f"cannot read the model config of {name_or_path}: {e}") from None
 
 
+def dual_encoder_family(ref) -> EmbeddingFamily | None:
+    """The embedding family of `ref` when it is a dual encoder (a builtin tiny one, a model folder or cached hub id
+    whose config's model_type a family handles, or a contrastive adapter on such a base); None for anything else
+    (a VLM), read from config files alone and never from the network."""
+    from transformers import AutoConfig
+
+    text = str(ref)
+    if text.startswith(tiny.BUILTIN_PREFIX):
+        name = text[len(tiny.BUILTIN_PREFIX):]
+        return next((f for f in registry.all_families() if f.tiny_name == name), None)
+    folder = Path(text).expanduser()
+    if is_adapter(folder):
+        try:
+            return dual_encoder_family(adapter_base(folder))
+        except VlmtuneError:
+            return None
+    try:
+        model_type = AutoConfig.from_pretrained(text, local_files_only=True).model_type
+        return registry.for_model_type(model_type)
+    except (OSError, ValueError, KeyError, VlmtuneError):
+        return None
+
+
 def load_base(name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None,
               quantization=None):
     """(model, processor, family) of a full model, in eval mode; `quantization`: a recipe's quantization section

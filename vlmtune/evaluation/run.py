@@ -22,19 +22,24 @@ from .systems import check_against, describe, replies
 
 def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=None, overwrite: bool = False,
              data_format: str | None = None, image_root: str | None = None, base: str | None = None,
-             batch_size: int = 8, max_new_tokens: int = 64, seed: int = 0, bootstrap: int = 1000,
-             dtype: str | None = None, progress: bool = True, log=print) -> EvalResult:
+             batch_size: int | None = None, max_new_tokens: int | None = None, seed: int = 0,
+             bootstrap: int = 1000, dtype: str | None = None, progress: bool = True, log=print) -> EvalResult:
     """Generate for every row of `data` with `model` (and what it is compared with), score, and write `out`.
 
     against: "base" (the default for an adapter: its bare base, in the same run), a model/adapter path, or
-    "none" (the default for a full model). Returns an EvalResult (`.summary`, `.records`, `.render()`)."""
-    if batch_size <= 0 or max_new_tokens <= 0 or bootstrap <= 0:
+    "none" (the default for a full model). Returns an EvalResult (`.summary`, `.records`, `.render()`).
+    A dual encoder (a model an own-run method trains) is evaluated by that method (recall@k for contrastive);
+    batch_size and max_new_tokens left None take the evaluation's own defaults (8 and 64 here)."""
+    if any(v is not None and v <= 0 for v in (batch_size, max_new_tokens)) or bootstrap <= 0:
         raise VlmtuneError("batch_size, max_new_tokens and bootstrap must be positive")
     method = _own_run_method(model)
-    if method is not None:  # a folder a method with its own run wrote (a dual encoder's): its own evaluation
+    if method is not None:  # a dual encoder (a method with its own run trains it): that method's evaluation
         return method.evaluate(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log,
                                metrics=metrics, against=against, data_format=data_format, image_root=image_root,
-                               base=base, seed=seed, bootstrap=bootstrap, dtype=dtype, progress=progress)
+                               base=base, seed=seed, bootstrap=bootstrap, dtype=dtype, progress=progress,
+                               max_new_tokens=max_new_tokens)
+    batch_size = 8 if batch_size is None else batch_size
+    max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
     names = [metrics] if isinstance(metrics, str) else list(metrics or ["auto"])
     fmt, options = data_settings(model, data_format)
     chosen = resolve_metrics(names, fmt)
@@ -91,13 +96,22 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
 
 
 def _own_run_method(model):
-    """The method that wrote the folder `model` (its vlmtune.json), when that method brings its own run; else None."""
+    """The method with its own run that evaluates `model`: the one that wrote the folder (its vlmtune.json), else,
+    for a dual encoder without one (a plain model folder, a builtin tiny one), the own-run method whose model
+    families hold its embedding family; None for a VLM."""
     from .. import methods
+    from ..embedding import dual_encoder_family
     from ..run_metadata import read_metadata
 
     name = read_metadata(Path(str(model))).get("method") if Path(str(model)).is_dir() else None
     method = methods.METHODS.get(name) if isinstance(name, str) else None
-    return method if method is not None and method.own_run else None
+    if method is not None:
+        return method if method.own_run else None
+    family = dual_encoder_family(model)
+    if family is None:
+        return None
+    return next((m for m in methods.METHODS.values() if m.own_run and family.name in (m.model_families() or ())),
+                None)
 
 
 def _most_moved(comparisons):

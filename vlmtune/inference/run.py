@@ -14,8 +14,7 @@ from .generation import encode, generate
 from .load import Loaded, dtype_named, load_for_inference
 from .outputs import PredictionFile
 from .prompts import data_settings, read_prompts, single_prompt
-from .retrieval import open_index, retrieval_prompt
-from .retrieval import retrieve as retrieve_images
+from .retrieval import check_retrievable, open_index, question_of, retrieval_prompt, retrieve_all
 
 
 def predict(model, images: list | None = None, prompt: str | None = None, data=None, out=None, *,
@@ -27,7 +26,8 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
     """Generate for one prompt (with images) or every row of a data file; write JSONL to `out` if given
     (checked before any work, and streamed to `<out>.partial` as each batch finishes; see PredictionFile).
     `retrieve`: an image index (folder or ImageIndex); its top `k` (default 4) images for the prompt's text become
-    the prompt's images (see retrieval; `max_length`: the token budget they must fit, default the VLM's
+    the prompt's images, or, with `data`, each row's top k for its last user turn's text start that turn (rows
+    without images of their own); see retrieval (`max_length`: the token budget they must fit, default the VLM's
     data.max_length).
 
     Returns one record per input: {"row", "prediction", "reference", "source"}, and "retrieved" (path, score of
@@ -36,26 +36,30 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
     from tqdm.auto import tqdm
 
     _validate(images, prompt, data, max_new_tokens, temperature, top_p, batch_size)
-    if retrieve is not None and (prompt is None or images):
-        raise VlmtuneError("--retrieve goes with --prompt and finds the images itself (no --image, no --data)")
+    if retrieve is not None and images:
+        raise VlmtuneError("--retrieve finds the prompt's images itself: drop --image (or drop --retrieve to give "
+                           "the images yourself)")
     if k is not None and retrieve is None:
         raise VlmtuneError("-k is the number of images --retrieve gives the prompt; give --retrieve INDEX with it")
     sink = PredictionFile(Path(out)) if out is not None else None  # refuses an unwritable --out before any work
     with _keep_partial(sink):
-        hits = None
-        if retrieve is not None:  # the index and its model are checked before the VLM loads
-            index = open_index(retrieve)
-            hits = retrieve_images(index, prompt, 4 if k is None else k)
-        elif prompt is not None:
-            prompts = [single_prompt(images, prompt)]
+        if prompt is not None:
+            prompts = [single_prompt([] if retrieve is not None else images, prompt)]
         else:
             fmt, options = data_settings(model, data_format)
             prompts = read_prompts(data, image_root, fmt, options)
+        hits = None
+        if retrieve is not None:  # the rows, the index and its model are checked before the VLM loads
+            if prompt is None:
+                check_retrievable(prompts)
+            index = open_index(retrieve)
+            hits = retrieve_all(index, [prompt] if prompt is not None else [question_of(p) for p in prompts],
+                                4 if k is None else k)
         if loaded is None:
             loaded = load_for_inference(model, base=base, dtype=dtype_named(dtype))
         if hits is not None:
-            prompts = [retrieval_prompt(loaded, prompt, hits, index.folder, max_length)]
-        extra = {} if hits is None else {"retrieved": [h.to_dict() for h in hits]}
+            prompts = [retrieval_prompt(loaded, prompt if prompt is not None else p, h, index.folder, max_length)
+                       for p, h in zip(prompts, hits, strict=True)]
         torch.manual_seed(seed)
         encoded = [encode(loaded, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].input_ids))  # similar lengths together
@@ -66,7 +70,9 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
                 idx = order[start:start + batch_size]
                 texts = generate(loaded, [encoded[i] for i in idx], max_new_tokens, temperature, top_p)
                 batch = [{"row": prompts[i].row, "prediction": text, "reference": prompts[i].reference,
-                          "source": prompts[i].source, **extra} for i, text in zip(idx, texts, strict=True)]
+                          "source": prompts[i].source,
+                          **({} if hits is None else {"retrieved": [h.to_dict() for h in hits[i]]})}
+                         for i, text in zip(idx, texts, strict=True)]
                 done.update(zip(idx, batch, strict=True))
                 if sink is not None:
                     sink.add(batch, len(prompts))
