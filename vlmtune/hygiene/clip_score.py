@@ -1,7 +1,8 @@
 """How well each row's text matches its image under a CLIP-style dual encoder: the cosine of their embeddings.
 
-A row with several images scores its best image (its text need only describe one of them); rows without an
-image or whose images cannot be read are not scored. The cut-off is a fixed `threshold`, the lowest `quantile`
+A row with several images scores its best image (its text need only describe one of them); a row listing several
+captions (answers) scores its worst one (one wrong caption flags the row); rows without an image or whose images
+cannot be read are not scored. The cut-off is a fixed `threshold`, the lowest `quantile`
 of the scores, or by default Tukey's lower fence (Q1 - 1.5 x IQR): scores far below the bulk, whatever scale the
 model's cosines have (CLIP ViT-B/32's matching pairs sit near 0.3, a tiny test model's elsewhere)."""
 
@@ -89,12 +90,12 @@ def score_rows(rows: list[SampleRow], model_name: str, threshold: float | None =
         else:
             scored.append(r)
     images = list(dict.fromkeys(p for r in scored for p in r.images))
-    texts = list(dict.fromkeys(r.text for r in scored))
+    texts = list(dict.fromkeys(t for r in scored for t in r.texts))
     image_vec = embed_images(model, processor, images, batch_size=batch_size, progress=progress and len(images) > 256)
     text_vec = embed_texts(model, processor, texts, batch_size=batch_size, progress=progress and len(texts) > 256)
     image_at = {p: i for i, p in enumerate(images)}
     text_at = {t: i for i, t in enumerate(texts)}
-    scores = np.array([max(float(image_vec[image_at[p]] @ text_vec[text_at[r.text]]) for p in r.images)
-                       for r in scored], dtype=np.float32)
+    scores = np.array([min(max(float(image_vec[image_at[p]] @ text_vec[text_at[t]]) for p in r.images)
+                           for t in r.texts) for r in scored], dtype=np.float32)
     cut, rule = choose_threshold(scores, threshold, quantile)
     return ClipScores(model_name, scored, scores, cut, rule, unscored)

@@ -19,6 +19,13 @@ class SampleRow:
     row: int  # the reader's 1-based row number (a JSONL line, a JSON item, a table row)
     images: tuple[str, ...]
     text: str  # the question(s) and answer(s), or the caption; without the system prompt and data.caption_prompt
+    # a row listing several answers (captions): one text per answer (question + answer); () means just (text,)
+    variants: tuple[str, ...] = ()
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The texts the CLIP score compares with the image: each listed answer's, else the row's one text."""
+        return self.variants or (self.text,)
 
     @property
     def where(self) -> str:
@@ -38,6 +45,8 @@ def conversation_text(conv: Conversation, caption_prompt: str | None = None) -> 
 
 def split_rows(recipe, split: str) -> list[SampleRow]:
     """The readable rows of one split (rows a reader refuses are validate's own problems, not repeated here)."""
+    from ..evaluation.rows import REPLY_FIELD
+
     d = recipe.data
     path = getattr(d, split)
     if not path:
@@ -46,12 +55,34 @@ def split_rows(recipe, split: str) -> list[SampleRow]:
         raise VlmtuneError(f"data.format: the near-duplicate and CLIP-score checks read the formats "
                            f"{', '.join(READERS)}, not {d.format!r}; run them on a recipe of one of those")
     options = reader_options(d)
-    out = []
+    out, refused = [], 0
     for item in read_rows(path, d.format, d.image_root, **options):
         if not isinstance(item, Conversation):
+            refused += 1
             continue
         file, _, number = item.source.rpartition(":")
         out.append(SampleRow(split, file, int(number), tuple(item.images), conversation_text(item, d.caption_prompt)))
+    if refused and d.format in REPLY_FIELD:  # rows listing several answers (captions), as contrastive data does
+        return _listed_rows(split, path, d, options) or out
+    return out
+
+
+def _listed_rows(split: str, path, d, options: dict) -> list[SampleRow] | None:
+    """The rows as `vlmtune eval` reads them (a list of answers or captions allowed); None when some row cannot be
+    read that way either (validate reports it; the rows read_rows takes are checked then)."""
+    from ..evaluation.rows import read_eval_rows
+
+    try:
+        rows = read_eval_rows(path, d.format, options, d.image_root).rows
+    except VlmtuneError:
+        return None
+    out = []
+    for r in rows:
+        asked = conversation_text(Conversation(r.prompt.turns), d.caption_prompt)
+        texts = tuple(f"{asked} {ref}".strip() for ref in r.references)
+        file, _, number = r.source.rpartition(":")
+        out.append(SampleRow(split, file, int(number), tuple(r.prompt.images), " | ".join(texts),
+                             texts if len(texts) > 1 else ()))
     return out
 
 
