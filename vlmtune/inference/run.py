@@ -44,7 +44,7 @@ def predict(model, images: list | None = None, prompt: str | None = None, data=N
     sink = PredictionFile(Path(out)) if out is not None else None  # refuses an unwritable --out before any work
     with _keep_partial(sink):
         if prompt is not None:
-            prompts = [single_prompt([] if retrieve is not None else images, prompt)]
+            prompts = [single_prompt(images, prompt)]
         else:
             fmt, options = data_settings(model, data_format)
             prompts = read_prompts(data, image_root, fmt, options)
