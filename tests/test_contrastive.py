@@ -173,14 +173,13 @@ def test_recipe_errors_name_each_field(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(None, {"method": "contrastive", "model": {"name_or_path": "builtin:tiny-clip", "family": "qwen2_vl"},
                            "lora": {"towers": "all"}, "data": {"train": "x", "format": "messages"},
-                           "train": {"resume_from_checkpoint": "latest", "eval_metrics": ["exact_match"]},
+                           "train": {"eval_metrics": ["exact_match"]},
                            "contrastive": {"loss": "triplet", "gather": "yes", "eval_batch_size": 0, "temp": 1}},
                     check_paths=False)
     lines = str(e.value).splitlines()[1:]
     fields = {line.strip().removeprefix("- ").split(":")[0] for line in lines}
     assert fields == {"model.family", "lora.towers", "data.format", "contrastive.loss", "contrastive.gather",
-                      "contrastive.eval_batch_size", "contrastive.temp", "train.resume_from_checkpoint",
-                      "train.eval_metrics"}, lines
+                      "contrastive.eval_batch_size", "contrastive.temp", "train.eval_metrics"}, lines
     assert "clip, siglip" in str(e.value)  # model.family lists the dual-encoder families
     with pytest.raises(RecipeError, match="lora.towers: applies to method contrastive"):
         load_recipe(None, {"model.name_or_path": "a/b", "data.train": "x", "lora.towers": "vision"},

@@ -21,6 +21,13 @@ def logged_eval_keys(eval_metrics: list[str], data_format: str) -> list[str]:
     return ["eval_loss", *(f"eval_{k}" for m in resolve_metrics(eval_metrics, data_format) for k in m.summary_keys)]
 
 
+def _method_eval_keys(recipe: Recipe) -> list[str] | None:
+    """What the recipe's method logs at evaluation, where it says (methods.Method.eval_keys)."""
+    from .. import methods
+
+    return methods.get(recipe.method).eval_keys(recipe) if recipe.method in methods.names() else None
+
+
 def eval_errors(recipe: Recipe) -> list[FieldError]:
     from ..metrics import UnknownMetricError, resolve_metrics
 
@@ -40,13 +47,14 @@ def eval_errors(recipe: Recipe) -> list[FieldError]:
     if not d.eval:
         errs.append(FieldError("train.best_metric", "needs data.eval (the checkpoints are compared on it)"))
     key = best_metric_key(t.best_metric)
+    own = _method_eval_keys(recipe)
     if metrics_ok:
-        known = logged_eval_keys(t.eval_metrics, d.format) if t.eval_metrics else ["eval_loss"]
+        known = own or (logged_eval_keys(t.eval_metrics, d.format) if t.eval_metrics else ["eval_loss"])
         if key in {f"eval_{k}" for k in NOT_A_SCORE}:
             errs.append(FieldError("train.best_metric", f"{t.best_metric} is not better when higher or lower; "
                                    f"choose one of {', '.join(k for k in known if k[5:] not in NOT_A_SCORE)}"))
         elif key not in known:
-            hint = "" if t.eval_metrics else " (add the metric to train.eval_metrics to log it)"
+            hint = "" if t.eval_metrics or own else " (add the metric to train.eval_metrics to log it)"
             errs.append(FieldError("train.best_metric", f"{t.best_metric!r} is not logged at evaluation; the logged "
                                    f"ones are {', '.join(known)}{hint}"))
     if t.eval_steps is None:

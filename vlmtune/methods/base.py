@@ -35,6 +35,10 @@ class Method:
         """The names model.family may take besides auto; None: the VLM families (vlmtune.families)."""
         return None
 
+    def eval_keys(self, recipe) -> list[str] | None:
+        """The metrics its own evaluation logs (train.best_metric's choices); None: eval_loss and train.eval_metrics'."""
+        return None
+
     def run(self, recipe, log=print, overwrite: bool = False) -> tuple[object, dict]:
         """(output folder, metrics) of a whole run, for an `own_run` method."""
         raise NotImplementedError

@@ -49,16 +49,19 @@ class Contrastive(Method):
         refuse(recipe.quantization.mode == "8bit", "quantization.mode", "8bit is not supported for method "
                "contrastive; use 4bit (QLoRA) or none")
         refuse(t.packing, "train.packing", "does not apply to method contrastive (no token sequences); remove it")
-        refuse(bool(t.resume_from_checkpoint), "train.resume_from_checkpoint", "method contrastive writes no "
-               "checkpoints yet (a run is minutes at base size): remove it and rerun")
         refuse(bool(t.eval_metrics), "train.eval_metrics", "does not apply to method contrastive (its evaluation "
                "logs recall@1/5/10 on data.eval); leave it empty")
-        refuse(t.best_metric is not None, "train.best_metric", "does not apply to method contrastive (it keeps no "
-               "checkpoints; the final adapter is the last step's); remove it")
-        refuse(recipe.distributed.deepspeed != "none", "distributed.deepspeed", "is not wired for method "
-               "contrastive yet: use several processes without DeepSpeed (torchrun; the negatives are gathered "
-               "across them)")
+        refuse(recipe.distributed.deepspeed != "none" and recipe.quantization.mode != "none", "quantization.mode",
+               f"{recipe.quantization.mode} with DeepSpeed is not supported for method contrastive: use "
+               "quantization.mode none with distributed.deepspeed, or 4bit without DeepSpeed (torchrun alone "
+               "gathers the negatives across processes too)")
         return errs
+
+    def eval_keys(self, recipe) -> list[str]:
+        """What its evaluation logs (train.best_metric picks one): eval_i2t_r@k and eval_t2i_r@k."""
+        from ..contrastive.recall import KS
+
+        return [f"eval_{way}_r@{k}" for k in KS for way in ("i2t", "t2i")]
 
     def run(self, recipe, log=print, overwrite=False):
         from ..contrastive.train import run_contrastive
