@@ -121,7 +121,7 @@ def check_same_run(checkpoint: str, plan) -> None:
     if saved is None:
         return
     now = run_identity(plan)
-    differences = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved["recipe"], now["recipe"])]
+    differences = [f"{key}: {old!r} -> {new!r}" for key, old, new in recipe_differences(saved["recipe"], now["recipe"])]
     if "world_size" in saved and saved["world_size"] != now["world_size"]:
         differences.append(f"processes (world size, part of the batch size): {saved['world_size']} -> "
                            f"{now['world_size']}")
@@ -158,7 +158,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+def recipe_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     old, new = _flatten(old), _flatten(new)
     found = []
     for key in sorted(old.keys() & new.keys()):

@@ -24,14 +24,14 @@ def run_identity(recipe, pairs) -> dict:
 
 def check_same_run(checkpoint: str, identity: dict) -> None:
     """VlmtuneError naming every field in which this run differs from the one that saved `checkpoint`."""
-    from ..checkpoints import RESUME_FILE, _differences
+    from ..checkpoints import RESUME_FILE, recipe_differences
 
     path = Path(checkpoint) / RESUME_FILE
     if not path.is_file():
         raise VlmtuneError(f"train.resume_from_checkpoint: {checkpoint} has no {RESUME_FILE}, so it was not saved "
                            "by a contrastive run; give a checkpoint-N folder of this run, or latest")
     saved = json.loads(path.read_text(encoding="utf-8"))
-    changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved["recipe"], identity["recipe"])
+    changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in recipe_differences(saved["recipe"], identity["recipe"])
                if key not in ONLY_MEASURE]
     if saved.get("world_size") != identity["world_size"]:
         changed.append(f"processes (world size: the batch and its negatives): {saved.get('world_size')} -> "
