@@ -398,3 +398,16 @@ def test_true_is_refused_where_it_cannot_work(mixed_data, tmp_path):
     assert "modules_to_save trains merger" in str(problems(plain, family, zero_stage=0, world_size=1)[0])
     with pytest.raises(vlmtune.RecipeError, match="train.cache_vision_features: must be one of auto, true, false"):
         recipe_for("qwen2_vl", mixed_data, tmp_path / "out", **{"train.cache_vision_features": "yes"})
+
+
+# ---------------------------------------------------------------- several processes: the pre-pass split
+def test_shares_split_the_missing_entries_by_media_tokens_the_same_way_on_every_rank():
+    from vlmtune.vision_cache_ranks import shares
+
+    tokens = [64, 16, 16, 64, 256, 16]
+    parts = shares(tokens, 2)
+    assert parts == shares(list(tokens), 2)  # every rank computes the same split
+    assert sorted(i for p in parts for i in p) == list(range(len(tokens)))  # each entry built once
+    assert parts == [[4], [0, 1, 2, 3, 5]]  # the big image alone on one rank: 256 tokens | 176
+    assert shares([10, 10, 10], 2, preload=[10, 0]) == [[1], [0, 2]]  # rank 0 already built one
+    assert shares([], 3) == [[], [], []] and shares([5, 5], 3) == [[0], [1], []]

@@ -3,7 +3,8 @@
 Deciding where a run writes may move and delete files (finish an interrupted swap, remove an unfinished
 replacement, finish a cut-short checkpoint publish); a process that looked at the folder meanwhile could see
 another state and decide otherwise. So with more than one process the process group is started first, rank 0
-decides, and the others receive its decision, or its error, which they raise too."""
+decides, and the others receive its decision, or its error, which they raise too. Work split across the ranks
+meets again in `gathered`: every rank's outcome, on every rank."""
 
 from __future__ import annotations
 
@@ -42,6 +43,21 @@ def decided_by_main(decide: Callable[[], T], cuda: bool = True) -> T:
     if outcome == "failed":
         raise value
     return value
+
+
+def gathered(value: T, cuda: bool = True) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank; `[value]` in a single process. Each rank
+    must call it (a meeting point): `cuda` as for `decided_by_main`."""
+    import torch.distributed as dist
+
+    from .distributed import world_size
+
+    if world_size() <= 1:
+        return [value]
+    _start_group(cuda)
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _start_group(cuda: bool) -> None:

@@ -10,7 +10,9 @@ device, attention kernel, quantization and the processor's saved files (pixel bo
 hashes the bytes of its media files, its grids, its own pixel bound and its video frames. Each file is written
 whole and renamed into place, so a killed pre-pass leaves only whole entries (the next run computes the rest);
 an entry that fails to open is rebuilt. Past $VLMTUNE_VISION_CACHE_GB (default 50) the least recently used
-entries, of any model, are removed after a pre-pass wrote new ones; a run's own entries always stay."""
+entries, of any model, are removed after a pre-pass wrote new ones; a run's own entries always stay. With several
+processes each builds a share of the missing entries (vision_cache_ranks.py), so every node must see the same
+$VLMTUNE_CACHE: a run whose ranks do not is refused after the pre-pass."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def unsupported(recipe, family, zero_stage: int, world_size: int) -> str:
             return f"lora.modules_to_save trains {name}, part of the vision side"
     if zero_stage == 3:
         return "ZeRO-3 partitions the vision tower, which every rank then runs in every step"
-    return ""  # several processes (DDP, ZeRO-1/2): rank 0 builds the cache, every rank reads it
+    return ""  # several processes (DDP, ZeRO-1/2): each builds a share of the cache, every rank reads it all
 
 
 def problems(recipe, family, zero_stage: int, world_size: int) -> list[FieldError]:

@@ -4,7 +4,9 @@ What is stored is what the model's own forward computes: the inner model's `get_
 `get_video_features` are wrapped to record their return value, and a pre-hook on the language model stops the
 forward there, so nothing family-specific is called by name. Examples run one at a time (their outputs are
 then exactly one example's; the family's `combine_encoder_outputs` joins them per batch), without gradients,
-in eval mode, their media decoded by DataLoader workers as in training."""
+in eval mode, their media decoded by DataLoader workers as in training. Rank 0 finds what is missing and builds
+the first missing entry to measure the cache's size; with several processes each rank then builds a share of the
+rest (vision_cache_ranks.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .vision_cache import (
     prune,
     setting,
 )
+from .vision_cache_ranks import check_shared, meet, shares
 
 WHAT = "the vision feature cache was not built"
 ADVICE = ("free up space, point $VLMTUNE_CACHE at a larger disk, or set train.cache_vision_features: false")
@@ -114,26 +117,30 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-# what rank 0 decides and builds and every rank then uses
+# what rank 0 decides and every rank receives
 _SHARED = ("on", "reason", "train_keys", "eval_keys", "hits", "misses", "rebuilt", "written_bytes", "bad")
 
 
 def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache:
     """Decide whether the run uses the cache (one log line says so and why) and, if it does, build what is
-    missing. Counts vision tower calls from here on either way. With several processes rank 0 builds the cache
-    (the pre-pass) while the others wait, then every rank reads the same folder."""
+    missing. Counts vision tower calls from here on either way. With several processes rank 0 decides (the keys,
+    what is missing, its size), every rank builds a share of the missing entries, and all then read the same
+    folder (vision_cache_ranks.py)."""
     calls = VisionCalls(model, plan.family)
     on, reason = decide(plan, report)
     log(f"vision feature cache: {'on' if on else 'off'} ({reason})")
     cache = VisionCache(on, reason, calls)
     if not on:
         return cache
-    shared = decided_by_main(lambda: _build(model, plan, cache, workers, log), cuda=not plan.recipe.train.use_cpu)
+    cuda = not plan.recipe.train.use_cpu
+    decided = decided_by_main(lambda: _missing_entries(model, plan, cache, log), cuda=cuda)
     for name in _SHARED:
-        setattr(cache, name, shared[name])
-    cache.store = FeatureStore(Path(shared["folder"]))
+        setattr(cache, name, decided[name])
+    cache.store = FeatureStore(cache_root() / decided["model"])  # this process's $VLMTUNE_CACHE, rank 0's key
     if cache.on:
+        _build_shares(model, plan, cache, decided, workers, log, cuda)
         _without_dummy_image(model)
+    cache.prepass_calls = calls.calls
     return cache
 
 
@@ -148,20 +155,29 @@ def _without_dummy_image(model) -> None:
         model.vlmtune_vision_in_step = None
 
 
-def _build(model, plan, cache: VisionCache, workers: int, log) -> dict:
-    """The entry keys, the pre-pass of what is missing, pruning; what every rank needs of the outcome."""
-    calls = cache.calls
+def _examples(plan) -> list:
+    """The training then the evaluation examples: what the keys (train_keys + eval_keys) are of."""
+    return list(plan.train.examples) + list(plan.eval.examples if plan.eval else [])
+
+
+def _media_tokens(example) -> int:
+    return example.media_tokens("image") + example.media_tokens("video")
+
+
+def _missing_entries(model, plan, cache: VisionCache, log) -> dict:
+    """Rank 0's part: the entry keys, which entries are missing, and their size (the first missing one is built
+    to measure it, and refused before it is written when too big); what every rank needs to build the rest."""
     key, described = model_key(plan)
     cache.store = store = FeatureStore(cache_root() / key)
     _describe(store.folder, described)
     hasher = MediaHasher(cache_root() / "media-digests.json")
     cache.train_keys = [hasher.key(e) for e in plan.train.examples]
-    evals = plan.eval.examples if plan.eval else []
-    cache.eval_keys = [hasher.key(e) for e in evals]
+    cache.eval_keys = [hasher.key(e) for e in (plan.eval.examples if plan.eval else [])]
     hasher.save()
-    todo: dict[str, object] = {}
+    examples = _examples(plan)
+    todo: dict[str, int] = {}  # entry key -> its first example's index in `examples`
     reused = 0  # bytes of the entries already there that this run reads
-    for k, example in zip(cache.train_keys + cache.eval_keys, list(plan.train.examples) + list(evals), strict=True):
+    for i, k in enumerate(cache.train_keys + cache.eval_keys):
         if k is None or k in todo:
             continue
         if store.valid(k):
@@ -169,30 +185,53 @@ def _build(model, plan, cache: VisionCache, workers: int, log) -> dict:
             continue
         if store.path(k).exists():
             cache.rebuilt += 1
-        todo[k] = example
-    unique = {k for k in cache.train_keys + cache.eval_keys if k}
+        todo[k] = i
     cache.misses = len(todo)
-    cache.hits = len(unique) - cache.misses
-
-    def shared() -> dict:
-        return {**{n: getattr(cache, n) for n in _SHARED}, "folder": str(store.folder)}
-
-    if todo:
-        before = calls.calls
+    cache.hits = len({k for k in cache.train_keys + cache.eval_keys if k}) - cache.misses
+    items = [(k, examples[i]) for k, i in todo.items()]
+    done = 0
+    if items:
         try:
-            _prepass(model, plan, store, todo, workers, cache, reused, log)
+            done = _measured(model, plan, store, items, cache, reused, log)
         except _OverLimit as e:
             if setting(plan.recipe) == "true":
                 raise VlmtuneError(f"{FIELD}: {e}; raise ${LIMIT_VARIABLE} or set {FIELD}: false") from None
             cache.on, cache.reason = False, str(e)
             log(f"vision feature cache: off ({e}; raise ${LIMIT_VARIABLE} to cache them)")
-            return shared()
-        finally:
-            cache.prepass_calls = calls.calls - before
-    log(f"vision feature cache: {cache.hits} entries reused, {cache.misses} computed ({store.folder})")
-    if cache.written_bytes:
-        prune(cache_root(), {store.path(k) for k in unique}, limit_bytes(), log)
-    return shared()
+    return {**{n: getattr(cache, n) for n in _SHARED}, "model": key, "todo": list(todo.items())[done:],
+            "done": done, "done_tokens": sum(_media_tokens(e) for _, e in items[:done])}
+
+
+def _build_shares(model, plan, cache: VisionCache, decided: dict, workers: int, log, cuda: bool) -> None:
+    """Every rank builds its share of the missing entries; they meet, then check that each sees all of them."""
+    from .distributed import rank, world_size
+
+    world, me = world_size(), rank()
+    examples = _examples(plan)
+    todo = decided["todo"]
+    part = shares([_media_tokens(examples[i]) for _, i in todo], world, [decided["done_tokens"]] + [0] * (world - 1))
+    outcome = {"failed": "", "built": 0, "written": 0, "bad": {}}
+    try:
+        _prepass(model, plan, cache.store, [(todo[j][0], examples[todo[j][1]]) for j in part[me]], workers, outcome,
+                 decided["done"] if me == 0 else 0)
+    except Exception as e:
+        if world == 1:
+            raise
+        outcome["failed"] = f"{type(e).__name__}: {e}"
+    outcomes = meet(outcome, cuda)
+    for o in outcomes:
+        cache.written_bytes += o["written"]
+        cache.bad.update(o["bad"])
+    line = f"vision feature cache: {cache.hits} entries reused, {cache.misses} computed"
+    if world > 1:
+        built = [o["built"] + (decided["done"] if r == 0 else 0) for r, o in enumerate(outcomes)]
+        line += f" ({' + '.join(map(str, built))} by {world} processes)"
+    log(f"{line} ({cache.store.folder})")
+    unique = {k for k in cache.train_keys + cache.eval_keys if k}
+    if world > 1:
+        check_shared(cache.store, unique - set(cache.bad), cuda)
+    if cache.written_bytes and me == 0:
+        prune(cache_root(), {cache.store.path(k) for k in unique}, limit_bytes(), log)
 
 
 class _OverLimit(Exception):
@@ -270,34 +309,67 @@ def encode(model, family, batch: dict, device) -> dict:
     return {"outputs": outputs, "inputs": kept}
 
 
-def _prepass(model, plan, store: FeatureStore, todo: dict, workers: int, cache: VisionCache, reused: int,
-             log) -> None:
-    """Encode every example in `todo` (key -> example) and store it; the size is printed and checked first
-    (`reused`: the bytes of the run's entries already stored, which count toward the size limit)."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    family = plan.family
-    keys, examples = list(todo), list(todo.values())
-    pad = plan.processor.tokenizer.pad_token_id or 0
-    rows = to_dataset(examples, family, plan.processor, plan.model_config, mark_bad=True)
-    loader = DataLoader(rows, batch_size=1, collate_fn=collator_for(family, pad), num_workers=workers)
-    tokens = [e.media_tokens("image") + e.media_tokens("video") for e in examples]
-    device = next(_base(model).parameters()).device
+@contextmanager
+def _evaluating(model):
     was_training = model.training
     model.eval()
-    per_token = None
     try:
-        for key, n, batch in tqdm(zip(keys, tokens, loader, strict=True), total=len(keys), desc="caching vision features"):
-            if batch.get("bad_samples"):  # counted by the trainer when the row comes up in training
-                cache.bad[key] = batch["bad_samples"][0]["reason"]
-                continue
-            entry = encode(model, family, batch, device)
-            if per_token is None:
-                per_token = _check_size(entry, n, sum(tokens), len(keys), store.folder, reused, log)
-            cache.written_bytes += store.write(key, entry)
+        yield
     finally:
         model.train(was_training)
+
+
+def _encoded(model, plan, items: list, workers: int):
+    """(key, entry) for each (key, example) of `items` in order, the entry being the reason the example's media
+    failed (a str) where they did; their media decoded by `workers` DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    family = plan.family
+    pad = plan.processor.tokenizer.pad_token_id or 0
+    rows = to_dataset([e for _, e in items], family, plan.processor, plan.model_config, mark_bad=True)
+    loader = DataLoader(rows, batch_size=1, collate_fn=collator_for(family, pad), num_workers=workers)
+    device = next(_base(model).parameters()).device
+    for (key, _), batch in zip(items, loader, strict=True):
+        if batch.get("bad_samples"):  # counted by the trainer when the row comes up in training
+            yield key, batch["bad_samples"][0]["reason"]
+        else:
+            yield key, encode(model, family, batch, device)
+
+
+def _measured(model, plan, store: FeatureStore, items: list, cache: VisionCache, reused: int, log) -> int:
+    """Build `items` (key, example) up to the first whose media decode, check the cache's size on it (`reused`:
+    the bytes of the run's entries already stored count toward the limit) and store it; how many were done."""
+    total = sum(_media_tokens(e) for _, e in items)
+    done = 0
+    with _evaluating(model):
+        for (key, entry), (_, example) in zip(_encoded(model, plan, items, 0), items, strict=True):
+            done += 1
+            if isinstance(entry, str):
+                cache.bad[key] = entry
+                continue
+            _check_size(entry, _media_tokens(example), total, len(items), store.folder, reused, log)
+            cache.written_bytes += store.write(key, entry)
+            break
+    return done
+
+
+def _prepass(model, plan, store: FeatureStore, items: list, workers: int, outcome: dict, done: int) -> None:
+    """Encode and store every (key, example) of `items`, this rank's share; counts into `outcome` (built, written,
+    bad). `done`: entries this rank built before (shown in its progress bar)."""
+    from tqdm.auto import tqdm
+
+    from .distributed import rank, world_size
+
+    world = world_size()
+    desc = "caching vision features" + (f" (rank {rank()} of {world})" if world > 1 else "")
+    with _evaluating(model), tqdm(total=len(items) + done, initial=done, desc=desc) as bar:
+        for key, entry in _encoded(model, plan, items, workers):
+            outcome["built"] += 1
+            if isinstance(entry, str):
+                outcome["bad"][key] = entry
+            else:
+                outcome["written"] += store.write(key, entry)
+            bar.update()
 
 
 def _check_size(entry: dict, tokens: int, total_tokens: int, entries: int, folder: Path, reused: int, log) -> float:
