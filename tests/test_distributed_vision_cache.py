@@ -69,12 +69,13 @@ def test_two_processes_build_shares_of_the_cache_and_train_as_without_it(data, s
 
 
 def _errors(proc, text: str) -> int:
-    """How many processes ended with `text` in their error line (each rank prints its own)."""
-    return sum(1 for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ") and text in line)
+    """How many ranks said `text` in their error line (each rank prints its own, naming itself)."""
+    lines = proc.stderr.splitlines()
+    return sum(any(x.startswith(f"rank {r} (host ") and ": error: " in x and text in x for x in lines) for r in (0, 1))
 
 
 @pytest.mark.slow
-def test_an_unshared_cache_folder_or_a_failed_share_stops_both_ranks(data, shm_op_built, tmp_path):  # noqa: F811
+def test_an_unshared_cache_folder_or_a_failed_write_stops_both_ranks(data, shm_op_built, tmp_path):  # noqa: F811
     proc, _, _, ranks = _launch(tmp_path / "unshared", data, "true",
                                 VLMTUNE_PROBE_CACHE_PER_RANK=str(tmp_path / "node-disks"))
     assert proc.returncode != 0 and not ranks, proc.stderr[-6000:]  # no rank trained
@@ -90,3 +91,8 @@ def test_an_unshared_cache_folder_or_a_failed_share_stops_both_ranks(data, shm_o
     said = "vision feature cache: the pre-pass failed on rank 1 (host "
     assert _errors(proc, said) == 2, proc.stderr[-6000:]
     assert _errors(proc, "OSError: [Errno 28] No space left on device") == 2
+
+    # rank 0's first write, which measures the cache's size before the ranks split the rest
+    proc, _, _, ranks = _launch(tmp_path / "failed-0", data, "true", VLMTUNE_PROBE_FAIL_WRITE_RANK="0")
+    assert proc.returncode != 0 and not ranks, proc.stderr[-6000:]
+    assert _errors(proc, "vision feature cache: the pre-pass failed on rank 0 (host ") == 2, proc.stderr[-6000:]

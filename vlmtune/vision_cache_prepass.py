@@ -36,7 +36,7 @@ from .vision_cache import (
     prune,
     setting,
 )
-from .vision_cache_ranks import check_shared, meet, shares
+from .vision_cache_ranks import check_shared, failure, meet, said_by_all, shares, where
 
 WHAT = "the vision feature cache was not built"
 ADVICE = ("free up space, point $VLMTUNE_CACHE at a larger disk, or set train.cache_vision_features: false")
@@ -133,12 +133,17 @@ def setup(model, plan, report: dict, workers: int = 0, log=print) -> VisionCache
     if not on:
         return cache
     cuda = not plan.recipe.train.use_cpu
-    decided = decided_by_main(lambda: _missing_entries(model, plan, cache, log), cuda=cuda)
-    for name in _SHARED:
-        setattr(cache, name, decided[name])
-    cache.store = FeatureStore(cache_root() / decided["model"])  # this process's $VLMTUNE_CACHE, rank 0's key
+    try:  # every VlmtuneError in here is raised by all ranks at once
+        decided = decided_by_main(lambda: _on_main(model, plan, cache, log), cuda=cuda)
+        for name in _SHARED:
+            setattr(cache, name, decided[name])
+        cache.store = FeatureStore(cache_root() / decided["model"])  # this process's $VLMTUNE_CACHE, rank 0's key
+        if cache.on:
+            _build_shares(model, plan, cache, decided, workers, log, cuda)
+    except VlmtuneError as e:
+        said_by_all(e, cuda)
+        raise
     if cache.on:
-        _build_shares(model, plan, cache, decided, workers, log, cuda)
         _without_dummy_image(model)
     cache.prepass_calls = calls.calls
     return cache
@@ -162,6 +167,20 @@ def _examples(plan) -> list:
 
 def _media_tokens(example) -> int:
     return example.media_tokens("image") + example.media_tokens("video")
+
+
+def _on_main(model, plan, cache: VisionCache, log) -> dict:
+    """`_missing_entries`, its failure named as the pre-pass's on rank 0 for every rank (one process: as it is)."""
+    from .distributed import world_size
+
+    try:
+        return _missing_entries(model, plan, cache, log)
+    except VlmtuneError:
+        raise
+    except Exception as e:
+        if world_size() <= 1:
+            raise
+        raise failure(f"{where()}: {type(e).__name__}: {e}") from e
 
 
 def _missing_entries(model, plan, cache: VisionCache, log) -> dict:

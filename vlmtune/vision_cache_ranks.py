@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 from .errors import VlmtuneError
@@ -43,10 +44,24 @@ def meet(outcome: dict, cuda: bool) -> list[dict]:
     outcomes = gathered({**outcome, "where": where()}, cuda)
     failed = [o for o in outcomes if o["failed"]]
     if failed:
-        said = "; ".join(f"{o['where']}: {o['failed']}" for o in failed)
-        raise VlmtuneError(f"vision feature cache: the pre-pass failed on {said} (every process stops); fix that "
-                           f"process's problem, or set {FIELD}: false")
+        raise failure("; ".join(f"{o['where']}: {o['failed']}" for o in failed))
     return outcomes
+
+
+def said_by_all(error: VlmtuneError, cuda: bool) -> None:
+    """Before every rank raises `error` at once: each prints it (naming itself) and waits until all have, since
+    the launcher ends every process as soon as one exits, which could cut the others' error line."""
+    from .distributed import world_size
+
+    if world_size() > 1:
+        print(f"{where()}: error: {error}", file=sys.stderr, flush=True)
+        gathered(None, cuda)
+
+
+def failure(said: str) -> VlmtuneError:
+    """The error every rank raises when the pre-pass failed on some: `said` names the ranks and what they hit."""
+    return VlmtuneError(f"vision feature cache: the pre-pass failed on {said} (every process stops); fix that "
+                        f"process's problem, or set {FIELD}: false")
 
 
 def _missing(store, keys: set[str]) -> set[str]:
