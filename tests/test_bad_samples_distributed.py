@@ -1,4 +1,5 @@
-"""Bad samples under two DeepSpeed processes on the CPU: every rank skips, counts and stops together."""
+"""Bad samples under two DeepSpeed processes on the CPU: every rank skips, counts and stops together (both runs
+in one launch; the one that stops comes last, as it ends the launch)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from .launch_scenarios import Scenario, launch, selected  # noqa: E402
 from .test_bad_samples import truncate  # noqa: E402
-from .test_deepspeed import SHAPES, run_worker, shm_op_built  # noqa: E402, F401 (a fixture)
+from .test_deepspeed import SHAPES, sft_recipe, shm_op_built  # noqa: E402, F401 (a fixture)
 
 pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
 
@@ -34,28 +36,42 @@ def two_rank_data(folder: Path, bad: list[int]) -> Path:
     return path
 
 
-def run_two_ranks(tmp_path, bad: list[int], *overrides):
-    data = two_rank_data(tmp_path / "data", bad)
-    return data, run_worker(tmp_path, data, "distributed.num_processes=2", f"data.image_root={tmp_path / 'data'}",
-                            "data.check_images=header", *overrides)
+# step 1 of "skip": one bad row of rank 1's two; step 2: both of rank 0's rows bad (a placeholder batch beside rank
+# 1's images: under ZeRO-3 its dummy image keeps the ranks' gathers in step)
+RUNS = {"skip": ([2, 4, 5], ("distributed.deepspeed=zero3",)),
+        "stop": ([2], ("distributed.deepspeed=zero2", "data.max_bad_samples=0"))}
+
+
+@pytest.fixture(scope="module")
+def runs(request, shm_op_built, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("bad-runs")
+    scenarios, data = [], {}
+    for name in selected(request, list(RUNS)):
+        bad, overrides = RUNS[name]
+        folder = root / name
+        data[name] = two_rank_data(folder / "data", bad)
+        argv = ["sft", str(sft_recipe(folder, data[name])), "distributed.num_processes=2",
+                f"data.image_root={folder / 'data'}", "data.check_images=header", *overrides]
+        scenarios.append(Scenario(name, argv, folder / "out"))
+    return data, launch(root, scenarios, timeout=900)
 
 
 @pytest.mark.slow
-def test_two_ranks_skip_bad_samples_and_rank_0_reports_both_ranks(shm_op_built, tmp_path):  # noqa: F811
-    # step 1: one bad row of rank 1's two; step 2: both of rank 0's rows bad (a placeholder batch beside rank 1's
-    # images: under ZeRO-3 its dummy image keeps the ranks' gathers in step)
-    data, (proc, out, _, _) = run_two_ranks(tmp_path, [2, 4, 5], "distributed.deepspeed=zero3")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    saved = json.loads((out / "train_results.json").read_text())
+@pytest.mark.scenario("skip")
+def test_two_ranks_skip_bad_samples_and_rank_0_reports_both_ranks(runs):
+    data, run = runs[0]["skip"], runs[1]["skip"]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    saved = json.loads((run.out / "train_results.json").read_text())
     assert saved["bad_sample_count"] == 3
     assert sorted(b["source"] for b in saved["bad_samples"]) == [f"{data}:{k}" for k in (3, 5, 6)]
-    assert proc.stdout.count("skipped bad sample") == 3  # rank 0 names rank 1's too, each once
+    assert run.stdout.count("skipped bad sample") == 3  # rank 0 names rank 1's too, each once
 
 
 @pytest.mark.slow
-def test_two_ranks_stop_together_past_the_limit(shm_op_built, tmp_path):  # noqa: F811
-    data, (proc, out, _, _) = run_two_ranks(tmp_path, [2], "distributed.deepspeed=zero2", "data.max_bad_samples=0")
-    assert proc.returncode != 0
-    assert "more than data.max_bad_samples=0" in proc.stderr and f"{data}:3: image cannot be decoded" in proc.stderr
-    assert (out / "checkpoints" / "checkpoint-1").is_dir()  # saved by both ranks together, then both stopped
-    assert not (out / "adapter_model.safetensors").exists()
+@pytest.mark.scenario("stop")
+def test_two_ranks_stop_together_past_the_limit(runs):
+    data, run = runs[0]["stop"], runs[1]["stop"]
+    assert run.returncode != 0
+    assert "more than data.max_bad_samples=0" in run.stderr and f"{data}:3: image cannot be decoded" in run.stderr
+    assert (run.out / "checkpoints" / "checkpoint-1").is_dir()  # saved by both ranks together, then both stopped
+    assert not (run.out / "adapter_model.safetensors").exists()

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO: shipped configs (autos filled as the HF integration does, validated by DeepSpeed's own
 config class), refused combinations, and real 2-process CPU runs (torchrun, gloo, DeepSpeed's CPU
-accelerator) of ZeRO-2 and ZeRO-3 with a text-only batch on one rank while the other has images."""
+accelerator) of ZeRO-2 and ZeRO-3 with a text-only batch on one rank while the other has images: those runs share
+one launch (tests/launch_scenarios.py) and carry the multiprocess marker, the rest runs in `make test`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import vlmtune
 from vlmtune.distributed import deepspeed as dsc
 from vlmtune.modeling import Runtime
 
-pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
+from .launch_scenarios import Scenario, launch, selected
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
@@ -295,18 +296,26 @@ def shm_op_built():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
 
 
-def run_worker(tmp_path, data, *overrides, env_extra=None, timeout=240, worker="ds_worker.py"):
-    from vlmtune.demo import builtin_model_path
-
-    builtin_model_path("tiny-qwen2-vl")  # built once here, not by two ranks at once
-    out, probe = tmp_path / "out", tmp_path / "probe"
-    (tmp_path / "recipe.yaml").write_text(
+def sft_recipe(folder: Path, data: Path) -> Path:
+    """3 steps of 2 rows a process on the tiny Qwen2-VL, output in folder/out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(
         "model: {name_or_path: 'builtin:tiny-qwen2-vl'}\n"
         f"data: {{train: '{data}', image_root: '{SHAPES}', max_pixels: 12544, num_workers: 0}}\n"
         "lora: {dropout: 0.0}\n"
         "train: {max_steps: 3, per_device_train_batch_size: 2, gradient_accumulation_steps: 1, "
         "learning_rate: 0.01, logging_steps: 1, save_steps: 1000, use_cpu: true}\n"
-        f"output_dir: '{out}'\n")
+        f"output_dir: '{folder / 'out'}'\n")
+    return folder / "recipe.yaml"
+
+
+def run_worker(tmp_path, data, *overrides, env_extra=None, timeout=240, worker="ds_worker.py"):
+    """One run of a worker script, in a launch of its own."""
+    from vlmtune.demo import builtin_model_path
+
+    builtin_model_path("tiny-qwen2-vl")  # built once here, not by two ranks at once
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    sft_recipe(tmp_path, data)
     env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", **(env_extra or {}))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -340,16 +349,45 @@ def assert_adapter_reloads_with_training_logits(out: Path, probe: Path):
     assert not torch.allclose(before, in_training)
 
 
+# the 2-process runs of this module, in one launch; the run that breaks comes last (it ends the launch)
+RUNS = ["sft_zero2", "sft_zero3", "resume_save", "resume", "no_dummy"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, mp_data, shm_op_built, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds-runs")
+    two = ("distributed.num_processes=2",)
+    resume = root / "resume"  # both resume runs: one output folder
+    argv = {"sft_zero2": ("distributed.deepspeed=zero2", *two), "sft_zero3": ("distributed.deepspeed=zero3", *two),
+            "resume_save": ("distributed.deepspeed=zero2", *two, "train.save_steps=2", "train.max_steps=2"),
+            "resume": ("distributed.deepspeed=zero2", *two, "train.save_steps=2", "train.max_steps=3",
+                       "train.resume_from_checkpoint=latest"),
+            "no_dummy": ("distributed.deepspeed=zero3", *two)}
+    scenarios = []
+    for name in selected(request, RUNS):
+        folder = resume if name.startswith("resume") else root / name
+        scenarios.append(Scenario(name, ["sft", str(sft_recipe(folder, mp_data)), *argv[name]], folder / "out",
+                                  env={"VLMTUNE_PROBE_NO_DUMMY": "1"} if name == "no_dummy" else {}))
+    return launch(root, scenarios, timeout=900)
+
+
+def log_of(run) -> str:
+    return run.stdout[-3000:] + run.stderr[-6000:]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_cpu_processes_train_with_text_only_batch_on_one_rank(stage, mp_data, shm_op_built, tmp_path):
-    proc, out, probe, ranks = run_worker(tmp_path, mp_data, f"distributed.deepspeed={stage}",
-                                         "distributed.num_processes=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    # vlmtune sft re-launched itself under torchrun; rank 0 alone reported and wrote
-    assert "launching: " in proc.stderr and "torch.distributed.run" in proc.stderr
-    assert proc.stdout.count("done: 3 steps") == 1 and proc.stdout.count("saved adapter") == 1
-    assert proc.stdout.count("train data: ") == 1
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [
+    pytest.param("zero2", marks=[pytest.mark.scenario("sft_zero2"), pytest.mark.multiprocess_ci]),
+    pytest.param("zero3", marks=[pytest.mark.scenario("sft_zero3"), pytest.mark.multiprocess_ci])])
+def test_two_cpu_processes_train_with_text_only_batch_on_one_rank(stage, runs):
+    run = runs[f"sft_{stage}"]
+    out, probe, ranks = run.out, run.probe, run.ranks
+    assert run.returncode == 0, log_of(run)
+    # vlmtune sft re-launched itself under torchrun (the launch's first run); rank 0 alone reported and wrote
+    assert "launching: " in run.launch_stderr and "torch.distributed.run" in run.launch_stderr
+    assert run.stdout.count("done: 3 steps") == 1 and run.stdout.count("saved adapter") == 1
+    assert run.stdout.count("train data: ") == 1
     assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
     assert all(r["distributed_type"] == "DistributedType.DEEPSPEED" for r in ranks)
     assert all(r["ds_config"]["zero_optimization"]["stage"] == int(stage[-1]) for r in ranks)
@@ -369,18 +407,20 @@ def test_two_cpu_processes_train_with_text_only_batch_on_one_rank(stage, mp_data
 
 
 @pytest.mark.slow
-def test_zero3_without_the_dummy_image_breaks(mp_data, shm_op_built, tmp_path):
+@pytest.mark.multiprocess
+@pytest.mark.scenario("no_dummy")
+def test_zero3_without_the_dummy_image_breaks(runs):
     """The trap is real: leave the dummy vision forward out and the ranks' collectives no longer match
     (gloo reports the mismatch; NCCL on GPUs hangs until its timeout)."""
-    proc, out, _, _ = run_worker(tmp_path, mp_data, "distributed.deepspeed=zero3", "distributed.num_processes=2",
-                                 env_extra={"VLMTUNE_PROBE_NO_DUMMY": "1"}, timeout=180)
-    assert proc.returncode != 0
-    log = proc.stdout + proc.stderr
+    run = runs["no_dummy"]
+    assert run.returncode != 0
+    log = run.stdout + run.stderr
     assert "collective mismatch" in log or "disagreement on list length" in log or "Connection" in log, log[-4000:]
-    assert not (out / "adapter_model.safetensors").exists()
+    assert not (run.out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("ds,quant", [("zero3_offload", "none"), ("zero3", "4bit")])
 def test_one_process_with_deepspeed_needs_no_launcher(ds, quant, mp_data, shm_op_built, tmp_path):
     """A single process: vlmtune sets up the one-member process group DeepSpeed needs (RANK, MASTER_ADDR...).
@@ -396,17 +436,16 @@ def test_one_process_with_deepspeed_needs_no_launcher(ds, quant, mp_data, shm_op
 
 
 @pytest.mark.slow
-def test_zero2_checkpoint_resumes_on_the_same_number_of_processes(mp_data, shm_op_built, tmp_path):
-    two = ("distributed.deepspeed=zero2", "distributed.num_processes=2", "train.save_steps=2")
-    proc, out, _, _ = run_worker(tmp_path, mp_data, *two, "train.max_steps=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert (out / "checkpoints" / "checkpoint-2").is_dir()
-    proc, out, probe, ranks = run_worker(tmp_path, mp_data, *two, "train.max_steps=3",
-                                         "train.resume_from_checkpoint=latest")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.count("done: 3 steps") == 1
-    assert all(len(r["forwards"]) == 1 for r in ranks)  # only step 3 ran: steps 1-2 came from the checkpoint
-    assert_adapter_reloads_with_training_logits(out, probe)
+@pytest.mark.multiprocess
+@pytest.mark.scenario("resume_save", "resume")
+def test_zero2_checkpoint_resumes_on_the_same_number_of_processes(runs):
+    first, run = runs["resume_save"], runs["resume"]
+    assert first.returncode == 0, log_of(first)
+    assert (first.out / "checkpoints" / "checkpoint-2").is_dir()
+    assert run.returncode == 0, log_of(run)
+    assert run.stdout.count("done: 3 steps") == 1
+    assert all(len(r["forwards"]) == 1 for r in run.ranks)  # only step 3 ran: steps 1-2 came from the checkpoint
+    assert_adapter_reloads_with_training_logits(run.out, run.probe)
 
 
 def test_videos_under_zero3_are_refused_before_training():

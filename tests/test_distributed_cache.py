@@ -1,6 +1,6 @@
 """The prepared-data cache and packing under two DeepSpeed processes on the CPU (ZeRO-2 and ZeRO-3).
 
-One test per stage, two runs of one step over the same 8 examples:
+One test per stage, two runs of one step over the same 8 examples (the four runs in one launch):
 - packed, cache cold: rank 0 formats and stores the entry, rank 1 formats nothing and loads it; both hold the
   same examples;
 - unpacked, cache warm (train.* fields are not in the key): no rank formats anything.
@@ -18,7 +18,8 @@ import torch
 import vlmtune
 from vlmtune.data.packing import pack_bins
 
-from .test_deepspeed import SHAPES, run_worker, shm_op_built  # noqa: F401 (a fixture)
+from .launch_scenarios import Scenario, launch, selected
+from .test_deepspeed import SHAPES, sft_recipe, shm_op_built  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.multiprocess  # several processes (torchrun / DeepSpeed): make test-multiprocess
 
@@ -58,27 +59,44 @@ def _lora_b(out):
     return {k: t for k, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
 
 
+RUNS = ["packed_zero2", "unpacked_zero2", "packed_zero3", "unpacked_zero3"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, shm_op_built, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("cache-runs")
+    data = _data(root)
+    names = selected(request, RUNS)
+    capacity = _capacity(data) if names else 0
+    scenarios = []
+    for name in names:
+        packed, stage = name.split("_")
+        common = (f"distributed.deepspeed={stage}", "distributed.num_processes=2", "data.cache=true",
+                  f"data.max_length={capacity}", "train.max_steps=1", "train.gradient_accumulation_steps=2",
+                  "train.warmup_ratio=0.0", "train.lr_scheduler_type=constant", "train.learning_rate=0.001")
+        shape = ("train.packing=true", "train.per_device_train_batch_size=1") if packed == "packed" else \
+            ("train.packing=false", "train.per_device_train_batch_size=2")
+        folder = root / name
+        scenarios.append(Scenario(name, ["sft", str(sft_recipe(folder, data)), *common, *shape], folder / "out",
+                                  cache=stage))  # a stage's two runs: one cache, cold then warm
+    return launch(root, scenarios, timeout=900)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_ranks_share_the_prepared_cache_and_pack_as_the_unpacked_run(stage, shm_op_built, tmp_path):  # noqa: F811
-    data = _data(tmp_path)
-    common = (f"distributed.deepspeed={stage}", "distributed.num_processes=2", "data.cache=true",
-              f"data.max_length={_capacity(data)}", "train.max_steps=1", "train.gradient_accumulation_steps=2",
-              "train.warmup_ratio=0.0", "train.lr_scheduler_type=constant", "train.learning_rate=0.001")
-    (tmp_path / "packed").mkdir()
-    proc, out_p, _, packed = run_worker(tmp_path / "packed", data, *common, "train.packing=true",
-                                        "train.per_device_train_batch_size=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert f"packing: 8 examples into {BINS} rows" in proc.stdout
-    assert proc.stderr.count("prepared data cached: ") == 1
+@pytest.mark.parametrize("stage", [
+    pytest.param("zero2", marks=[pytest.mark.scenario("packed_zero2", "unpacked_zero2"), pytest.mark.multiprocess_ci]),
+    pytest.param("zero3", marks=pytest.mark.scenario("packed_zero3", "unpacked_zero3"))])
+def test_two_ranks_share_the_prepared_cache_and_pack_as_the_unpacked_run(stage, runs):
+    run_p, run_u = runs[f"packed_{stage}"], runs[f"unpacked_{stage}"]
+    out_p, packed, out_u, unpacked = run_p.out, run_p.ranks, run_u.out, run_u.ranks
+    assert run_p.returncode == 0, run_p.stdout[-3000:] + run_p.stderr[-6000:]
+    assert f"packing: 8 examples into {BINS} rows" in run_p.stdout
+    assert run_p.stderr.count("prepared data cached: ") == 1
     assert [(r["formatted"], r["stored"]) for r in packed] == [(8, 1), (0, 0)]  # rank 0 prepared, rank 1 loaded
     assert packed[0]["examples"] == packed[1]["examples"] and packed[0]["num_examples"] == 8
 
-    (tmp_path / "unpacked").mkdir()
-    proc, out_u, _, unpacked = run_worker(tmp_path / "unpacked", data, *common, "train.packing=false",
-                                          "train.per_device_train_batch_size=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "packing: " not in proc.stdout and "prepared data cached: " not in proc.stderr
+    assert run_u.returncode == 0, run_u.stdout[-3000:] + run_u.stderr[-6000:]
+    assert "packing: " not in run_u.stdout and "prepared data cached: " not in run_u.stderr
     assert [(r["formatted"], r["stored"]) for r in unpacked] == [(0, 0), (0, 0)]  # the second run prepares nothing
     assert {r["examples"] for r in unpacked} == {packed[0]["examples"]}
 

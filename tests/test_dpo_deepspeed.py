@@ -1,7 +1,7 @@
 """DPO under DeepSpeed on CPU processes (torchrun, gloo, DeepSpeed's CPU accelerator): ZeRO-2 on 2 processes logs
 the losses, rewards and margins a single process logs on the same global batches and writes an adapter that reloads
 to the in-training logits; ZeRO-3 keeps the vision tower in step when one rank's pairs have no image, and its
-reference (the adapter disabled) runs on the partitioned weights."""
+reference (the adapter disabled) runs on the partitioned weights. Both 2-process runs share one launch."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from .launch_scenarios import Scenario, fresh_cache, launch, selected
 from .test_deepspeed import ROOT, SHAPES, assert_adapter_reloads_with_training_logits, shm_op_built  # noqa: F401
 
 pytest.importorskip("deepspeed")
@@ -42,34 +43,56 @@ def pair_data(tmp_path_factory):
     return path
 
 
-def run_dpo(tmp_path, data, *overrides, per_device=2, single=False, timeout=240):
-    import subprocess
-    import sys
-
-    from vlmtune.demo import builtin_model_path
-    from vlmtune.distributed import free_port
-
-    builtin_model_path("tiny-qwen2-vl")  # built once here, not by two ranks at once
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    out, probe = tmp_path / "out", tmp_path / "probe"
-    (tmp_path / "recipe.yaml").write_text(
+def dpo_recipe(folder, data, per_device=2):
+    """2 DPO steps of `per_device` pairs a process on the tiny Qwen2-VL, output in folder/out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(
         "model: {name_or_path: 'builtin:tiny-qwen2-vl'}\nmethod: dpo\ndpo: {beta: 0.1}\n"
         f"data: {{train: '{data}', image_root: '{SHAPES}', format: preference, max_pixels: 12544, num_workers: 0}}\n"
         "lora: {dropout: 0.0}\n"
         f"train: {{max_steps: 2, per_device_train_batch_size: {per_device}, gradient_accumulation_steps: 1, "
         "learning_rate: 0.01, warmup_ratio: 0.0, logging_steps: 1, save_steps: 1000, use_cpu: true, "
         "gradient_checkpointing: false}\n"
-        f"output_dir: '{out}'\n")
+        f"output_dir: '{folder / 'out'}'\n")
+    return folder / "recipe.yaml"
+
+
+def run_single(tmp_path, data, timeout=240):
+    """One process with 4 pairs a step, seen as launched (so the worker's probes record it), no DeepSpeed."""
+    import subprocess
+    import sys
+
+    from vlmtune.demo import builtin_model_path
+    from vlmtune.distributed import free_port
+
+    builtin_model_path("tiny-qwen2-vl")
+    probe = tmp_path / "probe"
+    recipe = dpo_recipe(tmp_path, data, per_device=4)
     env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if single:  # one process seen as launched (so the worker's probes record it), no DeepSpeed
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), "dpo", str(tmp_path / "recipe.yaml"), *overrides]
+               HF_HUB_OFFLINE="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), VLMTUNE_CACHE=str(fresh_cache(tmp_path / "cache")))
+    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), "dpo", str(recipe)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
-    return proc, out, probe, ranks
+    return proc, tmp_path / "out", ranks
+
+
+RUNS = ["zero2", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def runs(request, pair_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo-runs")
+    two = ("distributed.num_processes=2",)
+    scenarios = [Scenario(stage, ["dpo", str(dpo_recipe(root / stage, pair_data)), f"distributed.deepspeed={stage}",
+                                  *two], root / stage / "out") for stage in selected(request, RUNS)]
+    return launch(root, scenarios, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def one_process(pair_data, tmp_path_factory):
+    """The single-process reference of the ZeRO-2 run: the same global batches."""
+    return run_single(tmp_path_factory.mktemp("dpo-one"), pair_data)
 
 
 def logged(rank: dict) -> list[dict]:
@@ -77,17 +100,19 @@ def logged(rank: dict) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_zero2_two_processes_log_what_one_process_logs(pair_data, tmp_path):
-    proc, out, probe, ranks = run_dpo(tmp_path / "two", pair_data, "distributed.deepspeed=zero2",
-                                      "distributed.num_processes=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "torch.distributed.run" in proc.stderr and proc.stdout.count("saved adapter") == 1
+@pytest.mark.multiprocess_ci
+@pytest.mark.scenario("zero2")
+def test_zero2_two_processes_log_what_one_process_logs(runs, one_process):
+    run = runs["zero2"]
+    out, probe, ranks = run.out, run.probe, run.ranks
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "torch.distributed.run" in run.launch_stderr and run.stdout.count("saved adapter") == 1
     assert len(ranks) == 2 and all(r["world_size"] == 2 and r["ds_config"]["zero_optimization"]["stage"] == 2
                                    for r in ranks)
     # per step the reference forward (adapter disabled), then the policy's: a text-only step on each rank
     assert [r["forwards"] for r in ranks] == [[True, True, False, False], [False, False, True, True]]
     assert all(r["dummy_calls"] >= 1 for r in ranks)
-    one_proc, one_out, _, one = run_dpo(tmp_path / "one", pair_data, per_device=4, single=True)
+    one_proc, one_out, one = one_process
     assert one_proc.returncode == 0, one_proc.stdout[-3000:] + one_proc.stderr[-6000:]
     two_logs, one_logs = logged(ranks[0]), logged(one[0])
     assert len(two_logs) == len(one_logs) == 2
@@ -107,12 +132,13 @@ def test_zero2_two_processes_log_what_one_process_logs(pair_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_reference_and_dummy_image_on_partitioned_weights(pair_data, tmp_path):
+@pytest.mark.scenario("zero3")
+def test_zero3_two_processes_reference_and_dummy_image_on_partitioned_weights(runs):
     """The reference pass (adapter disabled) and the policy pass each gather the partitioned weights; the rank
     whose pairs have no image runs the dummy image in both, so the ranks' collectives stay in step."""
-    proc, out, probe, ranks = run_dpo(tmp_path, pair_data, "distributed.deepspeed=zero3",
-                                      "distributed.num_processes=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run = runs["zero3"]
+    out, probe, ranks = run.out, run.probe, run.ranks
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert len(ranks) == 2 and all(r["zero3"] and r["world_size"] == 2 for r in ranks)
     assert [r["forwards"] for r in ranks] == [[True, True, False, False], [False, False, True, True]]
     assert all(r["dummy_calls"] >= 2 for r in ranks)  # the reference's and the policy's forward
