@@ -76,3 +76,19 @@ def test_train_validate_eval_a_tiny_clip_recipe(tmp_path, capsys):
     assert main(["validate", str(recipe)]) == 2
     out = capsys.readouterr().out
     assert "eval.jsonl:1" in out and "missing.png" in out and "would stop training" in out
+
+
+@pytest.mark.parametrize("given, expected", [({}, 1), ({"train.gradient_accumulation_steps": 4}, 4)])
+def test_a_contrastive_recipe_accumulates_one_batch_unless_it_says_otherwise(given, expected, tmp_path):
+    from vlmtune.config import load_recipe
+
+    base = {"model.name_or_path": "builtin:tiny-clip", "data.train": "x.jsonl", "data.format": "caption"}
+    recipe = load_recipe(None, {"method": "contrastive", **base, **given}, check_paths=False)
+    assert recipe.train.gradient_accumulation_steps == expected
+    file = tmp_path / "r.yaml"  # the same from a recipe file
+    file.write_text("method: contrastive\nmodel: {name_or_path: 'builtin:tiny-clip'}\n"
+                    "data: {train: x.jsonl, format: caption}\n"
+                    + (f"train: {{gradient_accumulation_steps: {expected}}}\n" if given else ""))
+    assert load_recipe(file, check_paths=False).train.gradient_accumulation_steps == expected
+    sft = load_recipe(None, {"model.name_or_path": "builtin:tiny-qwen2-vl", "data.train": "x.jsonl"}, check_paths=False)
+    assert sft.train.gradient_accumulation_steps == 8  # the shared default stays for the VLM methods

@@ -52,13 +52,33 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
     errors: list[FieldError] = []
     if source:
         raw = paths_resolved("", raw, Path(source).parent)
-    raw = apply_overrides(raw, overrides or {}, errors)
+    raw = method_defaults(apply_overrides(raw, overrides or {}, errors))
     recipe = _build(Recipe, raw, "", errors)
     recipe.source = source
     errors.extend(validate(recipe, check_paths=check_paths))
     if errors:
         raise RecipeError(errors, source)
     return recipe
+
+
+def method_defaults(raw: dict) -> dict:
+    """The recipe's method's own defaults (Method.defaults) put in where the recipe leaves those fields unset."""
+    from .. import methods
+
+    method = methods.METHODS.get(raw.get("method", Recipe.method)) if isinstance(raw.get("method", ""), str) else None
+    if method is None or not method.defaults:
+        return raw
+    raw = copy.deepcopy(raw)
+    for key, value in method.defaults.items():
+        node = raw
+        *sections, field = key.split(".")
+        for part in sections:
+            if not isinstance(node.get(part, {}), dict):
+                break  # a malformed section: _build names it
+            node = node.setdefault(part, {})
+        else:
+            node.setdefault(field, value)
+    return raw
 
 
 def apply_overrides(raw: dict, overrides: dict | list[str], errors: list[FieldError]) -> dict:

@@ -21,6 +21,9 @@ class Method:
     # a method whose model is no VLM (a dual encoder): it trains, validates and evaluates through its own `run`,
     # `check` and `evaluate`; the shared run (training.py, preflight) assumes a VLM family and token examples
     own_run: bool = False
+    # recipe fields whose default differs for this method (dotted path -> value), used where the recipe leaves
+    # them unset
+    defaults: dict[str, object] = {}
 
     def settings(self, recipe):
         """The recipe's section of this method (None for a method without one)."""

@@ -28,6 +28,9 @@ class Contrastive(Method):
     section = ContrastiveConfig
     uses_vision_cache = False
     own_run = True
+    # accumulated batches add no negatives (each batch is its own contrastive problem): one batch per step unless
+    # the recipe asks for more
+    defaults = {"train.gradient_accumulation_steps": 1}
 
     def model_families(self):
         return registry.names()
