@@ -98,3 +98,20 @@ def _result(scenario: Scenario, entry: dict, proc) -> Result:
         stdout, stderr = proc.stdout + stdout, proc.stderr + stderr
     ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
     return Result(code, stdout, stderr, proc.stderr, scenario.out, probe, ranks)
+
+
+def run_one(folder: Path, argv: list[str], timeout: int = 240) -> Result:
+    """`argv` in one process seen as launched (a one-member group, so that the probes record it), with a fresh
+    $VLMTUNE_CACHE: the single-process reference of a 2-process run."""
+    from vlmtune.demo import builtin_model_path
+    from vlmtune.distributed import free_port
+
+    builtin_model_path("tiny-qwen2-vl")
+    probe = folder / "probe"
+    env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), VLMTUNE_CACHE=str(fresh_cache(folder / "cache")))
+    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
+    return Result(proc.returncode, proc.stdout, proc.stderr, proc.stderr, folder / "out", probe, ranks)

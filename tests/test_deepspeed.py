@@ -19,7 +19,7 @@ import vlmtune
 from vlmtune.distributed import deepspeed as dsc
 from vlmtune.modeling import Runtime
 
-from .launch_scenarios import Scenario, launch, selected
+from .launch_scenarios import Scenario, launch, run_one, selected
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "data_templates" / "shapes"
@@ -404,6 +404,37 @@ def test_two_cpu_processes_train_with_text_only_batch_on_one_rank(stage, runs):
     assert meta["distributed"] == {"deepspeed": stage, "world_size": 2}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert_adapter_reloads_with_training_logits(out, probe)
+
+
+@pytest.fixture(scope="module")
+def one_process(mp_data, tmp_path_factory):
+    """The single-process reference of the ZeRO-2 run: 4 rows a step, the same global batches."""
+    folder = tmp_path_factory.mktemp("sft-one")
+    return run_one(folder, ["sft", str(sft_recipe(folder, mp_data)), "train.per_device_train_batch_size=4"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.multiprocess_ci
+@pytest.mark.scenario("sft_zero2")
+def test_zero2_two_processes_train_as_one_process(runs, one_process):
+    from safetensors.torch import load_file
+
+    run = runs["sft_zero2"]
+    assert run.returncode == 0, log_of(run)
+    assert one_process.returncode == 0, log_of(one_process)
+    assert one_process.ranks[0]["world_size"] == 1 and one_process.ranks[0]["ds_config"] is None
+    steps = [[{k: h[k] for k in ("loss", "grad_norm", "num_tokens")} for h in r[0]["log_history"] if "loss" in h]
+             for r in (run.ranks, one_process.ranks)]
+    assert len(steps[0]) == len(steps[1]) == 3
+    for two, one in zip(*steps, strict=True):  # tokens weighted across the ranks as within one process
+        assert two["num_tokens"] == one["num_tokens"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4) and two["grad_norm"] == pytest.approx(
+            one["grad_norm"], rel=1e-4), steps
+    two_w, one_w = (load_file(out / "adapter_model.safetensors") for out in (run.out, one_process.out))
+    assert two_w.keys() == one_w.keys() and any("lora_B" in k and t.abs().max() > 0 for k, t in one_w.items())
+    for k in two_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 @pytest.mark.slow

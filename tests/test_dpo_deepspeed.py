@@ -6,13 +6,12 @@ reference (the adapter disabled) runs on the partitioned weights. Both 2-process
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-from .launch_scenarios import Scenario, fresh_cache, launch, selected
-from .test_deepspeed import ROOT, SHAPES, assert_adapter_reloads_with_training_logits, shm_op_built  # noqa: F401
+from .launch_scenarios import Scenario, launch, run_one, selected
+from .test_deepspeed import SHAPES, assert_adapter_reloads_with_training_logits, shm_op_built  # noqa: F401
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.usefixtures("shm_op_built"),  # DeepSpeed's CPU op built once, before the ranks start
@@ -57,26 +56,6 @@ def dpo_recipe(folder, data, per_device=2):
     return folder / "recipe.yaml"
 
 
-def run_single(tmp_path, data, timeout=240):
-    """One process with 4 pairs a step, seen as launched (so the worker's probes record it), no DeepSpeed."""
-    import subprocess
-    import sys
-
-    from vlmtune.demo import builtin_model_path
-    from vlmtune.distributed import free_port
-
-    builtin_model_path("tiny-qwen2-vl")
-    probe = tmp_path / "probe"
-    recipe = dpo_recipe(tmp_path, data, per_device=4)
-    env = dict(os.environ, VLMTUNE_PROBE_DIR=str(probe), VLMTUNE_PROBE_SEQUENTIAL="1", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), VLMTUNE_CACHE=str(fresh_cache(tmp_path / "cache")))
-    cmd = [sys.executable, str(ROOT / "tests" / "ds_worker.py"), "dpo", str(recipe)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    ranks = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))] if probe.is_dir() else []
-    return proc, tmp_path / "out", ranks
-
-
 RUNS = ["zero2", "zero3"]
 
 
@@ -92,7 +71,8 @@ def runs(request, pair_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(pair_data, tmp_path_factory):
     """The single-process reference of the ZeRO-2 run: the same global batches."""
-    return run_single(tmp_path_factory.mktemp("dpo-one"), pair_data)
+    folder = tmp_path_factory.mktemp("dpo-one")
+    return run_one(folder, ["dpo", str(dpo_recipe(folder, pair_data, per_device=4))])
 
 
 def logged(rank: dict) -> list[dict]:
@@ -112,8 +92,8 @@ def test_zero2_two_processes_log_what_one_process_logs(runs, one_process):
     # per step the reference forward (adapter disabled), then the policy's: a text-only step on each rank
     assert [r["forwards"] for r in ranks] == [[True, True, False, False], [False, False, True, True]]
     assert all(r["dummy_calls"] >= 1 for r in ranks)
-    one_proc, one_out, one = one_process
-    assert one_proc.returncode == 0, one_proc.stdout[-3000:] + one_proc.stderr[-6000:]
+    one_out, one = one_process.out, one_process.ranks
+    assert one_process.returncode == 0, one_process.stdout[-3000:] + one_process.stderr[-6000:]
     two_logs, one_logs = logged(ranks[0]), logged(one[0])
     assert len(two_logs) == len(one_logs) == 2
     for a, b in zip(two_logs, one_logs, strict=True):
