@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -283,7 +284,7 @@ def train(recipe: Recipe, log=print, overwrite: bool = False) -> TrainResult:
         log = _quiet
     method = method_for(recipe.method)
     if method.own_run:  # a model that is no VLM (a dual encoder): the method's own run, same recipe and folder rules
-        output_dir, metrics = method.run(recipe, log=log, overwrite=overwrite)
+        output_dir, metrics = import_module(method.own_run).run(recipe, log=log, overwrite=overwrite)
         return TrainResult(Path(output_dir), metrics)
     log(f"output folder: {run_folder.output_path(recipe)}")
     folder, resume = checkpoints.folder_and_resume(recipe, overwrite, log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 
 from .config import Recipe
 from .data.preference import PreparedPairs
@@ -94,7 +95,7 @@ def validate(recipe: Recipe, decode_images: bool = False) -> ValidationReport:
 
     method = method_for(recipe.method)
     if method.own_run:
-        return method.check(recipe, decode_images=decode_images)
+        return import_module(method.own_run).check(recipe, decode_images=decode_images)
     _, family, formatter = formatting_for(recipe)
     splits, problems = check_data(recipe, family, formatter, "decode" if decode_images else None,
                                   find_shrinkable=True)

@@ -7,6 +7,7 @@ without a reference are counted and skipped), the references each metric can sco
 from __future__ import annotations
 
 import gc
+from importlib import import_module
 from pathlib import Path
 
 from .. import __version__
@@ -34,10 +35,10 @@ def evaluate(model, data, *, metrics=("auto",), against: str | None = None, out=
         raise VlmtuneError("batch_size, max_new_tokens and bootstrap must be positive")
     method = _own_run_method(model)
     if method is not None:  # a dual encoder (a method with its own run trains it): that method's evaluation
-        return method.evaluate(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log,
-                               metrics=metrics, against=against, data_format=data_format, image_root=image_root,
-                               base=base, seed=seed, bootstrap=bootstrap, dtype=dtype, progress=progress,
-                               max_new_tokens=max_new_tokens)
+        return import_module(method.own_run).evaluate(
+            model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log, metrics=metrics, against=against,
+            data_format=data_format, image_root=image_root, base=base, seed=seed, bootstrap=bootstrap, dtype=dtype,
+            progress=progress, max_new_tokens=max_new_tokens)
     batch_size = 8 if batch_size is None else batch_size
     max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
     names = [metrics] if isinstance(metrics, str) else list(metrics or ["auto"])

@@ -18,9 +18,12 @@ class Method:
     name: str = ""
     section: type | None = None  # the dataclass of its recipe section (the recipe field named like the method)
     uses_vision_cache: bool = True  # whether train.cache_vision_features applies to its batches
-    # a method whose model is no VLM (a dual encoder): it trains, validates and evaluates through its own `run`,
-    # `check` and `evaluate`; the shared run (training.py, preflight) assumes a VLM family and token examples
-    own_run: bool = False
+    # a method whose model is no VLM (a dual encoder) trains, validates and evaluates through a run-layer module of
+    # its own, named here (a name, not an import: the method module stays upstream of the run layer): its
+    # `run(recipe, log, overwrite)` -> (output folder, metrics), `check(recipe, decode_images)` -> a report with
+    # `ok`, `family`, `render()`, `evaluate(model, data, *, batch_size, out, overwrite, log, **options)` -> a result
+    # with `summary`, `render()`. The shared run (training.py, preflight) assumes a VLM family and token examples.
+    own_run: str | None = None
     # recipe fields whose default differs for this method (dotted path -> value), used where the recipe leaves
     # them unset
     defaults: dict[str, object] = {}
@@ -41,18 +44,6 @@ class Method:
     def eval_keys(self, recipe) -> list[str] | None:
         """The metrics its own evaluation logs (train.best_metric's choices); None: eval_loss and train.eval_metrics'."""
         return None
-
-    def run(self, recipe, log=print, overwrite: bool = False) -> tuple[object, dict]:
-        """(output folder, metrics) of a whole run, for an `own_run` method."""
-        raise NotImplementedError
-
-    def check(self, recipe, decode_images: bool = False):
-        """`vlmtune validate` of an `own_run` method: a report with `ok`, `family` and `render()`."""
-        raise NotImplementedError
-
-    def evaluate(self, model, data, *, batch_size: int, out=None, overwrite: bool = False, log=print):
-        """`vlmtune eval` of a folder an `own_run` method wrote: a result with `summary` and `render()`."""
-        raise NotImplementedError
 
     def init_adapter(self, recipe) -> str | None:
         """An adapter folder training starts from (loaded trainable), None for a fresh LoRA adapter."""

@@ -1,5 +1,5 @@
 """Contrastive LoRA of a dual encoder (CLIP / SigLIP, vlmtune/embedding): image-caption pairs, the family's
-contrastive loss over in-batch negatives. Its model is no VLM, so it brings its own run (vlmtune/contrastive/)
+contrastive loss over in-batch negatives. Its model is no VLM, so it brings its own run (vlmtune/contrastive/, entry.py)
 instead of the shared one; its recipe is the shared recipe with `method: contrastive`, the `contrastive:`
 section and `lora.towers`."""
 
@@ -27,7 +27,7 @@ class Contrastive(Method):
     name = "contrastive"
     section = ContrastiveConfig
     uses_vision_cache = False
-    own_run = True
+    own_run = "vlmtune.contrastive.entry"  # its run, check and evaluate (the run layer imports it)
     # accumulated batches add no negatives (each batch is its own contrastive problem): one batch per step unless
     # the recipe asks for more
     defaults = {"train.gradient_accumulation_steps": 1}
@@ -65,19 +65,3 @@ class Contrastive(Method):
         from ..contrastive.recall import KS
 
         return [f"eval_{way}_r@{k}" for k in KS for way in ("i2t", "t2i")]
-
-    def run(self, recipe, log=print, overwrite=False):
-        from ..contrastive.train import run_contrastive
-
-        return run_contrastive(recipe, overwrite=overwrite, log=log)
-
-    def check(self, recipe, decode_images=False):
-        from ..contrastive.check import check_pairs
-
-        return check_pairs(recipe, decode_images=decode_images)
-
-    def evaluate(self, model, data, *, batch_size, out=None, overwrite=False, log=print, **options):
-        """`vlmtune eval` of a contrastive run's folder; `options`: the rest of evaluation.run.evaluate's arguments."""
-        from ..contrastive.evaluate import evaluate_recall
-
-        return evaluate_recall(model, data, batch_size=batch_size, out=out, overwrite=overwrite, log=log, **options)
