@@ -1,8 +1,6 @@
 """Building the vision feature cache before training, and counting the vision tower's calls.
 
-What is stored is what the model's own forward computes: the inner model's `get_image_features` /
-`get_video_features` are wrapped to record their return value, and a pre-hook on the language model stops the
-forward there, so nothing family-specific is called by name. Examples run one at a time (their outputs are
+What is stored is what the model's own forward computes (vision_encode.py records it). Examples run one at a time (their outputs are
 then exactly one example's; the family's `combine_encoder_outputs` joins them per batch), without gradients,
 in eval mode, their media decoded by DataLoader workers as in training. Rank 0 finds what is missing and builds
 the first missing entry to measure the cache's size; with several processes each rank then builds a share of the
@@ -37,6 +35,7 @@ from .vision_cache import (
     setting,
 )
 from .vision_cache_ranks import check_shared, failure, meet, said_by_all, shares, where
+from .vision_encode import base_model, encode
 
 WHAT = "the vision feature cache was not built"
 ADVICE = ("free up space, point $VLMTUNE_CACHE at a larger disk, or set train.cache_vision_features: false")
@@ -47,7 +46,7 @@ class VisionCalls:
 
     def __init__(self, model, family):
         self.calls = 0
-        self._handle = _base(model).get_submodule(family.vision_prefix).register_forward_hook(self._count)
+        self._handle = base_model(model).get_submodule(family.vision_prefix).register_forward_hook(self._count)
 
     def _count(self, *args) -> None:
         self.calls += 1
@@ -110,11 +109,6 @@ class CacheReader:
         if key in self.bad:
             return {"problem": self.bad[key]}
         return self.store.read(key)
-
-
-def _base(model):
-    """The transformers model under a PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # what rank 0 decides and every rank receives
@@ -269,65 +263,6 @@ def _describe(folder: Path, described: dict) -> None:
     os.replace(tmp, path)
 
 
-class _Stop(Exception):
-    """Raised by the language model's pre-hook: the vision outputs are recorded, the rest is not needed."""
-
-
-@contextmanager
-def _recording(model, family):
-    """Records what the inner model's get_image_features / get_video_features return; stops before the LM."""
-    base = _base(model)
-    inner = base.get_submodule(family.language_prefix.rpartition(".")[0])
-    records: dict[str, object] = {}
-    patched = []
-    inside: list[str] = []  # Qwen3-VL's get_video_features calls get_image_features: the outer call is what counts
-    for kind, name in (("image", "get_image_features"), ("video", "get_video_features")):
-        original = getattr(inner, name, None)
-        if original is None:
-            continue
-
-        def recorded(*args, _original=original, _kind=kind, **kwargs):
-            if inside:
-                return _original(*args, **kwargs)
-            inside.append(_kind)
-            try:
-                out = _original(*args, **kwargs)
-            finally:
-                inside.pop()
-            records[_kind] = out
-            return out
-
-        setattr(inner, name, recorded)
-        patched.append(name)
-
-    def stop(*args, **kwargs):
-        raise _Stop
-
-    handle = base.get_submodule(family.language_prefix).register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        yield records
-    finally:
-        handle.remove()
-        for name in patched:
-            delattr(inner, name)
-
-
-def encode(model, family, batch: dict, device) -> dict:
-    """One collated example's cache entry: the recorded encoder outputs the model reads, and the processor
-    outputs it still needs without pixels (grids, sizes)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-    with _recording(model, family) as records, torch.no_grad():
-        try:
-            _base(model)(**inputs, use_cache=False)
-        except _Stop:
-            pass
-    outputs = {}
-    for kind, out in records.items():
-        outputs[kind] = {n: getattr(out, n) for n in family.image_feature_outputs if getattr(out, n, None) is not None}
-    kept = {k: batch[k] for k in family.concat_keys if k not in family.encoder_only_keys and k in batch}
-    return {"outputs": outputs, "inputs": kept}
-
-
 @contextmanager
 def _evaluating(model):
     was_training = model.training
@@ -347,7 +282,7 @@ def _encoded(model, plan, items: list, workers: int):
     pad = plan.processor.tokenizer.pad_token_id or 0
     rows = to_dataset([e for _, e in items], family, plan.processor, plan.model_config, mark_bad=True)
     loader = DataLoader(rows, batch_size=1, collate_fn=collator_for(family, pad), num_workers=workers)
-    device = next(_base(model).parameters()).device
+    device = next(base_model(model).parameters()).device
     for (key, _), batch in zip(items, loader, strict=True):
         if batch.get("bad_samples"):  # counted by the trainer when the row comes up in training
             yield key, batch["bad_samples"][0]["reason"]
