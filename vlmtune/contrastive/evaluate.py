@@ -1,8 +1,8 @@
 """recall@k of a dual encoder on caption pairs (every caption): `vlmtune contrastive recall` and `vlmtune eval` on a
 contrastive adapter, its merged model, or any CLIP / SigLIP model, beside its base, another dual encoder, or alone.
 
-Reached from the method registry (methods/contrastive.py): it reads the run's saved recipe.yaml as plain YAML and
-imports nothing from vlmtune.config."""
+Reached through contrastive/entry.py (the method's run layer); a run's saved recipe.yaml is read as plain YAML
+(its data section only), not loaded as a recipe."""
 
 from __future__ import annotations
 

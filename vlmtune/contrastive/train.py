@@ -13,8 +13,8 @@ Each process loads the model whole, its 0-dim weights (CLIP's logit_scale) made 
 broadcast or partition them; ZeRO-3's engine partitions the weights as training starts (not zero.Init as they are
 read, which cannot take a 0-dim weight), and every save gathers the trained weights whole first.
 
-`vlmtune train` reaches it through the method registry (methods/contrastive.py), upstream of the recipe layer:
-it takes a loaded Recipe, and imports the run-folder and checkpoint rules it shares with SFT only as it runs.
+`vlmtune train` reaches it through contrastive/entry.py, the module methods/contrastive.py names: it takes a
+loaded Recipe and shares the run-folder and checkpoint rules of SFT (run_folder.py, checkpoints.py).
 """
 
 from __future__ import annotations
