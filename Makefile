@@ -20,7 +20,7 @@ $(BIN)/vlmtune: pyproject.toml
 # the multi-process suites (2-process torchrun / DeepSpeed ZeRO-2/3 runs) are slow on 2 cores: `make test` (what CI
 # runs, under 20 minutes) takes only the multiprocess_ci subset; `make test-multiprocess` the rest of them
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not multiprocess or multiprocess_ci"
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=25 -m "not multiprocess or multiprocess_ci"
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow and not multiprocess"
