@@ -14,7 +14,7 @@ from .config import Recipe
 from .disk import existing_ancestor, swap_in
 from .errors import VlmtuneError
 from .reporting import LOGS
-from .run_metadata import METADATA_FILE, listed_files, read_metadata
+from .run_metadata import METADATA_FILE, listed_files, read_metadata, remove_metadata, write_metadata
 
 RESULTS_FILE = "train_results.json"
 RECIPE_FILE = "recipe.yaml"
@@ -142,6 +142,22 @@ def note_moving(out: Path, names: list[str]) -> None:
 
 def done_moving(out: Path) -> None:
     (out / MOVING_FILE).unlink(missing_ok=True)
+
+
+def move_in(out: Path, staging: Path, meta: dict, also_listed=()) -> None:
+    """The final write: every file staged in `staging` moved into `out` whole (replacing those of the same name),
+    then vlmtune.json (`meta`, its "files" the names moved plus `also_listed`) last; a kill mid-move leaves the
+    names known as the run's own (note_moving) and no vlmtune.json until the folder is whole again."""
+    names = sorted(p.name for p in staging.iterdir())
+    note_moving(out, names)
+    remove_metadata(out)  # the folder is incomplete until it is written again
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    write_metadata(out, {**meta, "files": sorted({*names, *also_listed})})
+    done_moving(out)
 
 
 def _refusal(out: Path, state: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -31,7 +30,6 @@ from .methods import get as method_for
 from .modeling import attach_lora, format_report, load_base_model, pixel_bounds, trainable_report
 from .preflight import Plan, plan_run
 from .run_folder import RESULTS_FILE, STAGING_PREFIX
-from .run_metadata import remove_metadata, write_metadata
 from .vision_cache_prepass import VisionCache, VisionCalls
 from .vision_cache_prepass import setup as vision_cache_setup
 
@@ -361,7 +359,7 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
     adapter_state: the adapter weights gathered from every ZeRO-3 rank (else read from the model)."""
     from .checkpoints import adapter_bytes
     from .disk import check_space, full_disk_as_error
-    from .run_folder import done_moving, note_moving
+    from .run_folder import move_in
 
     needed = adapter_bytes(trainer.model) + 16 * 2**20  # and the processor's files (tokenizer: a few MB)
     what = f"the adapter was not written to {out}"
@@ -380,16 +378,6 @@ def write_outputs(trainer, plan: Plan, out: Path, metrics: dict, adapter_state: 
             meta = metadata(plan)
             meta["fast_path"] = getattr(trainer, "fast_path", {})
             meta.update(best_checkpoint.entry(metrics))
-            names = sorted(p.name for p in staging.iterdir())
-            note_moving(out, names)  # a kill in the moves below leaves them known as the run's own
-            remove_metadata(out)  # the folder is incomplete until it is written again
-            meta["files"] = names  # what this run wrote: --overwrite refuses to delete anything else
-            for name in names:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(staging / name, target)
-            write_metadata(out, meta)
-            done_moving(out)
+            move_in(out, staging, meta)  # "files": what this run wrote; --overwrite refuses to delete anything else
     finally:
         shutil.rmtree(staging, ignore_errors=True)

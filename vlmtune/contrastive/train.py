@@ -32,7 +32,7 @@ from ..embedding import registry, tiny
 from ..embedding.load import load_base, model_type_of
 from ..errors import VlmtuneError
 from ..quantization import prepare_quantized
-from ..run_metadata import METADATA_FILE, remove_metadata, write_metadata
+from ..run_metadata import METADATA_FILE
 from .model import DualEncoderLoss, attach_lora, scalars_as_vectors, trainable_names
 from .pairs import PairDataset, read_pairs
 from .recall import pair_recall
@@ -194,7 +194,7 @@ def _write_outputs(out: Path, run: ContrastiveRun, results: dict, state: dict | 
 
     from .. import best_checkpoint, curves
     from ..distributed import world_size
-    from ..run_folder import STAGING_PREFIX, done_moving, note_moving
+    from ..run_folder import STAGING_PREFIX, move_in
 
     r, family = run.recipe, run.family
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
@@ -204,22 +204,14 @@ def _write_outputs(out: Path, run: ContrastiveRun, results: dict, state: dict | 
         (staging / "recipe.yaml").write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), encoding="utf-8")
         (staging / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         curves.write(run.trainer.state.log_history, staging, title=out.name)
-        names = sorted(p.name for p in staging.iterdir())
-        note_moving(out, names)
-        remove_metadata(out)  # the folder is incomplete until it is written again
-        for name in names:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
+        meta = {"method": "contrastive", "family": family.name, "base_model": r.model.name_or_path,
+                "base_path": tiny.resolve(r.model.name_or_path), "loss": results["loss"], "towers": r.lora.towers,
+                "lora": {"r": r.lora.r, "alpha": r.lora.alpha}, "quantization": r.quantization.mode,
+                "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": world_size()},
+                "recall_before": results["recall_before"], "recall": results["recall"],
+                **best_checkpoint.entry(results)}
+        # listed too: what the folder already holds (checkpoints, logs) and vlmtune.json itself
+        kept = {*(p.name for p in out.iterdir() if not p.name.startswith(".")), METADATA_FILE}
+        move_in(out, staging, meta, also_listed=kept)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    kept = sorted({*names, *(p.name for p in out.iterdir() if not p.name.startswith(".")), METADATA_FILE})
-    meta = {"method": "contrastive", "family": family.name, "base_model": r.model.name_or_path,
-            "base_path": tiny.resolve(r.model.name_or_path), "loss": results["loss"], "towers": r.lora.towers,
-            "lora": {"r": r.lora.r, "alpha": r.lora.alpha}, "quantization": r.quantization.mode,
-            "distributed": {"deepspeed": r.distributed.deepspeed, "world_size": world_size()},
-            "recall_before": results["recall_before"], "recall": results["recall"],
-            **best_checkpoint.entry(results), "files": kept}
-    write_metadata(out, meta)
-    done_moving(out)
